@@ -1,0 +1,1 @@
+//! End-to-end tests for skiff; the tests live in tests/.
