@@ -1,1 +1,141 @@
-fn main() {}
+//! `skiff-control`: the control plane binary. `skiff-control serve` runs the API server on
+//! its embedded store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use skiff_control::api::{ApiConfig, ApiServer};
+use skiff_control::pki::{self, PkiPaths};
+use skiff_control::server::{self, Authenticator};
+use skiff_control::store::embedded::{EmbeddedOptions, EmbeddedStore};
+
+#[derive(Parser)]
+#[command(name = "skiff-control", version, about = "skiff's control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the API server on the embedded store.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Holds the store file, the certificates, the token file and the admin kubeconfig.
+    #[arg(long, default_value = "/var/lib/skiff/control")]
+    data_dir: PathBuf,
+    /// Where HTTPS is served.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Serve plain HTTP without authentication instead of HTTPS, for local debugging only.
+    #[arg(long)]
+    insecure_http: bool,
+    /// Extra names or addresses for the serving certificate (repeatable).
+    #[arg(long = "tls-san")]
+    tls_sans: Vec<String>,
+    /// The range ClusterIPs are allocated from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
+    /// The range NodePorts are allocated from, as FIRST-LAST.
+    #[arg(long, default_value = "30000-32767")]
+    node_port_range: String,
+    /// How many recent events the store keeps for watches that resume.
+    #[arg(long, default_value_t = 10_000)]
+    watch_history: usize,
+    /// Where to write the admin kubeconfig (default: DATA_DIR/admin.kubeconfig).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+fn parse_port_range(text: &str) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
+    let (first, last) = text
+        .split_once('-')
+        .with_context(|| format!("node port range {text:?}: expected FIRST-LAST"))?;
+    let first: u16 = first
+        .parse()
+        .with_context(|| format!("node port range {text:?}: bad first port"))?;
+    let last: u16 = last
+        .parse()
+        .with_context(|| format!("node port range {text:?}: bad last port"))?;
+    anyhow::ensure!(
+        first <= last && first > 0,
+        "node port range {text:?}: empty"
+    );
+    Ok(first..=last)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create data directory {}", args.data_dir.display()))?;
+    let config = ApiConfig {
+        service_cidr: args.service_cidr.parse().map_err(anyhow::Error::msg)?,
+        node_ports: parse_port_range(&args.node_port_range)?,
+        ..ApiConfig::default()
+    };
+    let store = EmbeddedStore::open(
+        &args.data_dir.join("store.redb"),
+        EmbeddedOptions {
+            history_events: args.watch_history,
+        },
+    )
+    .context("open the embedded store")?;
+    let api = ApiServer::new(Arc::new(store), config).await?;
+    tokio::spawn(skiff_control::controllers::namespace::run(api.clone()));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let address = server::local_addr(&listener)?;
+
+    if args.insecure_http {
+        tracing::warn!(%address, "serving plain HTTP without authentication (--insecure-http)");
+        println!("skiff-control serving http://{address} (no TLS, no authentication)");
+        return server::serve(listener, api, None, None).await;
+    }
+
+    let paths = PkiPaths::new(&args.data_dir);
+    let mut hosts = args.tls_sans.clone();
+    hosts.push(address.ip().to_string());
+    pki::ensure_certificates(&paths, &hosts)?;
+    let tokens = pki::ensure_tokens(&paths.tokens)?;
+    let kubeconfig = args
+        .kubeconfig
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("admin.kubeconfig"));
+    let ca_pem = std::fs::read_to_string(&paths.ca_cert)
+        .with_context(|| format!("read {}", paths.ca_cert.display()))?;
+    let host = if address.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        address.ip().to_string()
+    };
+    let url = format!("https://{host}:{}", address.port());
+    pki::write_kubeconfig(&kubeconfig, &url, &ca_pem, &tokens[0].token)?;
+    let tls = server::tls_config(&paths)?;
+    tracing::info!(%address, kubeconfig = %kubeconfig.display(), "skiff-control serving");
+    println!("skiff-control serving {url}");
+    println!("  export KUBECONFIG={}", kubeconfig.display());
+    println!("  kubectl get namespaces");
+    let authenticator = Arc::new(Authenticator::new(&tokens));
+    server::serve(listener, api, Some(tls), Some(authenticator)).await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+    }
+}

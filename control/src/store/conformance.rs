@@ -1,7 +1,7 @@
 //! The behavior every store backend must show; each backend's tests run it.
 
-use std::collections::HashSet;
 use bytes::Bytes;
+use std::collections::HashSet;
 
 use super::{EventKind, Store, StoreError};
 
@@ -13,7 +13,10 @@ pub async fn run_all<S: Store>(store: &S) {
 }
 
 async fn create_get_update_delete<S: Store>(store: &S) {
-    let r1 = store.create("/crud/a", Bytes::from_static(b"v1")).await.unwrap();
+    let r1 = store
+        .create("/crud/a", Bytes::from_static(b"v1"))
+        .await
+        .unwrap();
     assert!(matches!(
         store.create("/crud/a", Bytes::from_static(b"again")).await,
         Err(StoreError::AlreadyExists { .. })
@@ -52,7 +55,10 @@ async fn create_get_update_delete<S: Store>(store: &S) {
         store.delete("/crud/a", None).await,
         Err(StoreError::NotFound { .. })
     ));
-    assert_eq!(store.current_revision().await.unwrap(), deleted.mod_revision);
+    assert_eq!(
+        store.current_revision().await.unwrap(),
+        deleted.mod_revision
+    );
 }
 
 async fn list_prefix_and_paging<S: Store>(store: &S) {
@@ -82,7 +88,10 @@ async fn list_prefix_and_paging<S: Store>(store: &S) {
 
 async fn watch_from_revision<S: Store>(store: &S) {
     let start = store.current_revision().await.unwrap();
-    let r1 = store.create("/watch/a", Bytes::from_static(b"1")).await.unwrap();
+    let r1 = store
+        .create("/watch/a", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
     // A watch that starts in the past replays from there, then follows live writes.
     let mut watch = store.watch("/watch/", start).await.unwrap();
     store.create("/other/a", Bytes::new()).await.unwrap();

@@ -26,6 +26,8 @@ const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const META_REVISION: &str = "revision";
 
+const REDB_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// How many writes one transaction takes at most; bounds the latency of the batch's first
 /// writer.
 const MAX_BATCH: usize = 1024;
@@ -96,7 +98,10 @@ struct WriteRequest {
 impl EmbeddedStore {
     /// Opens (or creates) the store file at `path` and starts its writer thread.
     pub fn open(path: &Path, options: EmbeddedOptions) -> Result<Self, StoreError> {
-        let database = redb::Database::create(path)
+        // Reads are served from memory, so redb's page cache only needs to help writes.
+        let database = redb::Builder::new()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(path)
             .map_err(|e| backend(format!("open {}", path.display()), e))?;
         let (objects, revision) = load(&database)?;
         let state = State {
@@ -551,13 +556,15 @@ mod tests {
             store.create("/a", Bytes::from_static(b"1")).await.unwrap();
             let rev = store.create("/b", Bytes::from_static(b"2")).await.unwrap();
             store.delete("/a", None).await.unwrap();
-            store.update("/b", Bytes::from_static(b"3"), Some(rev)).await.unwrap()
+            store
+                .update("/b", Bytes::from_static(b"3"), Some(rev))
+                .await
+                .unwrap()
         };
         // The writer thread of the first store still owns the file until it notices its
         // channel closed; give it a moment.
         let store = loop {
-            match EmbeddedStore::open(&dir.path().join("store.redb"), EmbeddedOptions::default())
-            {
+            match EmbeddedStore::open(&dir.path().join("store.redb"), EmbeddedOptions::default()) {
                 Ok(store) => break store,
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
             }

@@ -8,9 +8,9 @@
 //! **Architecture invariant:** the store knows nothing of HTTP, Kubernetes kinds or JSON;
 //! keys and values are opaque to it.
 
-pub mod embedded;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod embedded;
 
 use std::sync::Arc;
 
