@@ -7,5 +7,7 @@
 pub mod api;
 pub mod controllers;
 pub mod pki;
+pub mod scheduler;
 pub mod server;
+pub mod sim;
 pub mod store;

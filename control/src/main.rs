@@ -21,8 +21,60 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the API server on the embedded store.
+    /// Runs the API server on the embedded store, with the scheduler and controllers.
     Serve(ServeArgs),
+    /// Runs only the scheduler, against the API server of a kubeconfig.
+    Scheduler(ClientArgs),
+    /// Runs only the workload controllers, against the API server of a kubeconfig.
+    Controllers(ClientArgs),
+    /// Runs hollow nodes: simulated Ready nodes that report their pods Running.
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    options: skiff_control::sim::SimOptions,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The kubeconfig to reach the API server with (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+/// A kube-rs client for the API server a kubeconfig names.
+async fn client_from(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("load kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("find a kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("build the API client")
+}
+
+/// Runs `task` until it fails, logging and restarting it: a controller that lost its
+/// connection starts over from a fresh list.
+async fn supervise<F, Fut>(name: &'static str, task: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match task().await {
+            Ok(()) => return,
+            Err(error) => tracing::error!(%name, error = format!("{error:#}"), "stopped; restarting"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 #[derive(clap::Args)]
@@ -122,7 +174,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl get namespaces");
     let authenticator = Arc::new(Authenticator::new(&tokens));
-    server::serve(listener, api, Some(tls), Some(authenticator)).await
+    let serving = tokio::spawn(server::serve(listener, api, Some(tls), Some(authenticator)));
+    // The scheduler and controllers reach the API server the way any client does: over
+    // HTTPS with the admin kubeconfig, so each can also run on its own.
+    let client = client_from(Some(&kubeconfig)).await?;
+    let scheduler_client = client.clone();
+    tokio::spawn(supervise("scheduler", move || skiff_control::scheduler::run(scheduler_client.clone())));
+    tokio::spawn(supervise("controllers", move || {
+        skiff_control::controllers::run_workloads(client.clone())
+    }));
+    serving.await.context("API server task")?
 }
 
 #[tokio::main]
@@ -137,5 +198,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Scheduler(args) => {
+            let client = client_from(args.kubeconfig.as_deref()).await?;
+            skiff_control::scheduler::run(client).await
+        }
+        Command::Controllers(args) => {
+            let client = client_from(args.kubeconfig.as_deref()).await?;
+            skiff_control::controllers::run_workloads(client).await
+        }
+        Command::Sim(args) => {
+            let client = client_from(args.client.kubeconfig.as_deref()).await?;
+            skiff_control::sim::run(client, args.options).await
+        }
     }
 }

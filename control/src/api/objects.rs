@@ -911,7 +911,27 @@ impl ApiServer {
             }
             let mut marked = old.clone();
             let already_marked = old["metadata"]["deletionTimestamp"].is_string();
-            let has_finalizers = old["metadata"]["finalizers"]
+            // Orphan and Foreground propagation are carried out by the garbage collector;
+            // the object waits for it under a finalizer, as with kube-apiserver.
+            let propagation_finalizer = match options.propagation_policy.as_deref() {
+                Some("Orphan") => Some("orphan"),
+                Some("Foreground") => Some("foregroundDeletion"),
+                _ => None,
+            };
+            if let Some(finalizer) = propagation_finalizer
+                && info.kind != "Namespace"
+            {
+                let mut finalizers = old["metadata"]["finalizers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if !finalizers.iter().any(|f| f == finalizer) {
+                    finalizers.push(json!(finalizer));
+                    marked["metadata"]["finalizers"] = json!(finalizers);
+                }
+            }
+            let finalizer_added = marked["metadata"]["finalizers"] != old["metadata"]["finalizers"];
+            let has_finalizers = marked["metadata"]["finalizers"]
                 .as_array()
                 .is_some_and(|f| !f.is_empty());
             let mut grace = 0;
@@ -947,6 +967,7 @@ impl ApiServer {
                 marked["status"]["phase"] = json!("Terminating");
             } else if grace > 0 || has_finalizers {
                 let unchanged = already_marked
+                    && !finalizer_added
                     && old["metadata"]["deletionGracePeriodSeconds"]
                         .as_i64()
                         .unwrap_or(0)

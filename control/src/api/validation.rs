@@ -1,4 +1,4 @@
-//! Kubernetes' field validation of the built-in kinds, run after defaulting on create and update, with kube-apiserver's field paths, cause reasons and messages.
+//! Field validation of the built-in kinds: the 422 causes kube-apiserver gives for an object it will not store.
 //!
 //! The rules follow `pkg/apis/core/validation`, `pkg/apis/apps/validation` and apimachinery's
 //! name and label checks, as of the Kubernetes version skiff reports. Objects arrive already
@@ -30,6 +30,15 @@ pub fn validate(kind: &str, object: &Value, old: Option<&Value>) -> Vec<FieldCau
             }
         }
         "Service" => validate_service(object, old, &mut causes),
+        "Deployment" | "ReplicaSet" | "DaemonSet" => {
+            validate_workload(kind, object, old, &mut causes)
+        }
+        "ConfigMap" => validate_config_map(object, old, &mut causes),
+        "Secret" => validate_secret(object, old, &mut causes),
+        "Lease" => validate_lease(object, &mut causes),
+        "EndpointSlice" => validate_endpoint_slice(object, old, &mut causes),
+        // Namespaces, Endpoints, Nodes, Events, ServiceAccounts and unknown kinds are checked
+        // for their metadata only.
         _ => {}
     }
     causes
@@ -60,7 +69,10 @@ fn not_supported(field: impl Into<String>, shown_value: &str, supported: &[&str]
     FieldCause {
         reason: "FieldValueNotSupported",
         field: field.into(),
-        message: format!("Unsupported value: {shown_value}: supported values: {}", quoted.join(", ")),
+        message: format!(
+            "Unsupported value: {shown_value}: supported values: {}",
+            quoted.join(", ")
+        ),
     }
 }
 
@@ -106,7 +118,12 @@ fn with_detail(mut message: String, detail: &str) -> String {
 }
 
 /// Adds one `Invalid value` cause per message a name checker returned.
-fn push_invalid_each(causes: &mut Vec<FieldCause>, field: &str, shown_value: &str, messages: Vec<String>) {
+fn push_invalid_each(
+    causes: &mut Vec<FieldCause>,
+    field: &str,
+    shown_value: &str,
+    messages: Vec<String>,
+) {
     for message in messages {
         causes.push(invalid(field, shown_value, &message));
     }
@@ -125,7 +142,9 @@ fn go_quote(text: &str) -> String {
             '\n' => quoted.push_str("\\n"),
             '\r' => quoted.push_str("\\r"),
             '\t' => quoted.push_str("\\t"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => quoted.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                quoted.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c => quoted.push(c),
         }
     }
@@ -151,7 +170,13 @@ fn go_string_map(map: &Value) -> String {
     entries.sort_by(|a, b| a.0.cmp(b.0));
     let shown: Vec<String> = entries
         .into_iter()
-        .map(|(key, value)| format!("{}:{}", go_quote(key), go_quote(value.as_str().unwrap_or(""))))
+        .map(|(key, value)| {
+            format!(
+                "{}:{}",
+                go_quote(key),
+                go_quote(value.as_str().unwrap_or(""))
+            )
+        })
         .collect();
     format!("map[string]string{{{}}}", shown.join(", "))
 }
@@ -161,7 +186,10 @@ fn go_string_slice(list: &Value) -> String {
     match list.as_array() {
         None => "[]string(nil)".to_string(),
         Some(items) => {
-            let shown: Vec<String> = items.iter().map(|item| go_quote(item.as_str().unwrap_or(""))).collect();
+            let shown: Vec<String> = items
+                .iter()
+                .map(|item| go_quote(item.as_str().unwrap_or("")))
+                .collect();
             format!("[]string{{{}}}", shown.join(", "))
         }
     }
@@ -176,7 +204,8 @@ const LABEL_MAX_LENGTH: usize = 63;
 const PORT_NAME_MAX_LENGTH: usize = 15;
 
 const DNS1123_LABEL_FORMAT: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
-const DNS1123_SUBDOMAIN_FORMAT: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+const DNS1123_SUBDOMAIN_FORMAT: &str =
+    "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
 const DNS1035_LABEL_FORMAT: &str = "[a-z]([-a-z0-9]*[a-z0-9])?";
 const LABEL_KEY_NAME_FORMAT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
 const LABEL_VALUE_FORMAT: &str = "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
@@ -189,8 +218,14 @@ fn max_length_message(max: usize) -> String {
 
 /// apimachinery's `RegexError`: the rule in words, examples, and the regular expression.
 fn format_message(rule: &str, format: &str, examples: &[&str]) -> String {
-    let examples: Vec<String> = examples.iter().map(|example| format!("'{example}'")).collect();
-    format!("{rule} (e.g. {}, regex used for validation is '{format}')", examples.join(" or "))
+    let examples: Vec<String> = examples
+        .iter()
+        .map(|example| format!("'{example}'"))
+        .collect();
+    format!(
+        "{rule} (e.g. {}, regex used for validation is '{format}')",
+        examples.join(" or ")
+    )
 }
 
 fn is_lower_alphanumeric(character: char) -> bool {
@@ -207,7 +242,9 @@ fn matches_edged(text: &str, edge: fn(char) -> bool, inner: fn(char) -> bool) ->
 }
 
 fn is_dns1123_label(text: &str) -> bool {
-    matches_edged(text, is_lower_alphanumeric, |c| is_lower_alphanumeric(c) || c == '-')
+    matches_edged(text, is_lower_alphanumeric, |c| {
+        is_lower_alphanumeric(c) || c == '-'
+    })
 }
 
 fn is_dns1123_subdomain(text: &str) -> bool {
@@ -267,9 +304,11 @@ fn dns1035_label_errors(text: &str) -> Vec<String> {
 /// The name part of a label key, and a non-empty label value: alphanumeric at both ends,
 /// with '-', '_' and '.' allowed inside.
 fn is_label_token(text: &str) -> bool {
-    matches_edged(text, |c| c.is_ascii_alphanumeric(), |c| {
-        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
-    })
+    matches_edged(
+        text,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'),
+    )
 }
 
 /// apimachinery's `IsQualifiedName`: label keys, annotation keys and selector keys.
@@ -302,7 +341,10 @@ fn qualified_name_errors(text: &str) -> Vec<String> {
     if name.is_empty() {
         errors.push("name part must be non-empty".to_string());
     } else if name.len() > LABEL_MAX_LENGTH {
-        errors.push(format!("name part {}", max_length_message(LABEL_MAX_LENGTH)));
+        errors.push(format!(
+            "name part {}",
+            max_length_message(LABEL_MAX_LENGTH)
+        ));
     }
     if !is_label_token(name) {
         errors.push(format!(
@@ -335,7 +377,9 @@ fn port_name_errors(text: &str) -> Vec<String> {
         errors.push(max_length_message(PORT_NAME_MAX_LENGTH));
     }
     if text.is_empty() || !text.chars().all(|c| is_lower_alphanumeric(c) || c == '-') {
-        errors.push("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)".to_string());
+        errors.push(
+            "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)".to_string(),
+        );
     }
     if !text.chars().any(|c| c.is_ascii_lowercase()) {
         errors.push("must contain at least one letter (a-z)".to_string());
@@ -366,7 +410,9 @@ fn env_var_name_errors(text: &str) -> Vec<String> {
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || matches!(c, '-' | '.' | '_'));
-    let valid_rest = text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    let valid_rest = text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
     if !(valid_start && valid_rest) {
         errors.push(format_message(
             "a valid environment variable name must consist of alphabetic characters, digits, '_', '-', or '.', and must not start with a digit",
@@ -384,7 +430,11 @@ fn config_map_key_errors(text: &str) -> Vec<String> {
     if text.len() > DNS1123_SUBDOMAIN_MAX_LENGTH {
         errors.push(max_length_message(DNS1123_SUBDOMAIN_MAX_LENGTH));
     }
-    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')) {
+    if text.is_empty()
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
         errors.push(format_message(
             "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
             CONFIG_MAP_KEY_FORMAT,
@@ -424,13 +474,26 @@ fn validate_object_meta(kind: &str, metadata: &Value, causes: &mut Vec<FieldCaus
             _ => generate_name.to_string(),
         };
         let errors = object_name_errors(kind, &masked);
-        push_invalid_each(causes, "metadata.generateName", &go_quote(generate_name), errors);
+        push_invalid_each(
+            causes,
+            "metadata.generateName",
+            &go_quote(generate_name),
+            errors,
+        );
     }
     let name = metadata["name"].as_str().unwrap_or("");
     if name.is_empty() {
-        causes.push(required("metadata.name", "name or generateName is required"));
+        causes.push(required(
+            "metadata.name",
+            "name or generateName is required",
+        ));
     } else {
-        push_invalid_each(causes, "metadata.name", &go_quote(name), object_name_errors(kind, name));
+        push_invalid_each(
+            causes,
+            "metadata.name",
+            &go_quote(name),
+            object_name_errors(kind, name),
+        );
     }
     let namespace = metadata["namespace"].as_str().unwrap_or("");
     if is_cluster_scoped(kind) {
@@ -438,7 +501,12 @@ fn validate_object_meta(kind: &str, metadata: &Value, causes: &mut Vec<FieldCaus
             causes.push(forbidden("metadata.namespace", "not allowed on this type"));
         }
     } else if !namespace.is_empty() {
-        push_invalid_each(causes, "metadata.namespace", &go_quote(namespace), dns1123_label_errors(namespace));
+        push_invalid_each(
+            causes,
+            "metadata.namespace",
+            &go_quote(namespace),
+            dns1123_label_errors(namespace),
+        );
     }
     validate_labels(&metadata["labels"], "metadata.labels", causes);
     validate_annotations(&metadata["annotations"], "metadata.annotations", causes);
@@ -457,7 +525,12 @@ fn validate_annotations(annotations: &Value, field: &str, causes: &mut Vec<Field
     let mut total_size = 0;
     for (key, value) in annotations.as_object().into_iter().flatten() {
         // Annotation keys are compared case-insensitively, so upper case is allowed.
-        push_invalid_each(causes, field, &go_quote(key), qualified_name_errors(&key.to_lowercase()));
+        push_invalid_each(
+            causes,
+            field,
+            &go_quote(key),
+            qualified_name_errors(&key.to_lowercase()),
+        );
         total_size += key.len() + value.as_str().map_or(0, str::len);
     }
     if total_size > TOTAL_ANNOTATION_SIZE_LIMIT_BYTES {
@@ -493,6 +566,8 @@ fn validate_enum(value: &Value, field: &str, supported: &[&str], causes: &mut Ve
 }
 
 const PORT_RANGE_MESSAGE: &str = "must be between 1 and 65535, inclusive";
+const NEGATIVE_MESSAGE: &str = "must be greater than or equal to 0";
+const FIELD_IMMUTABLE_MESSAGE: &str = "field is immutable";
 
 fn is_valid_port_number(port: i64) -> bool {
     (1..=65535).contains(&port)
@@ -576,9 +651,12 @@ fn parse_quantity(quantity: &str) -> Result<Quantity, &'static str> {
             }
         },
     };
-    let digits = quantity[whole_start..whole_end].chars().chain(quantity[fraction_start..fraction_end].chars());
+    let digits = quantity[whole_start..whole_end]
+        .chars()
+        .chain(quantity[fraction_start..fraction_end].chars());
     let fraction_length = (fraction_end - fraction_start) as i32;
-    let magnitude = exact_nanos(digits, binary_power, decimal_power - fraction_length + 9).unwrap_or(i128::MAX);
+    let magnitude =
+        exact_nanos(digits, binary_power, decimal_power - fraction_length + 9).unwrap_or(i128::MAX);
     Ok(Quantity {
         nanos: if negative { -magnitude } else { magnitude },
         format,
@@ -587,10 +665,16 @@ fn parse_quantity(quantity: &str) -> Result<Quantity, &'static str> {
 
 /// The digits times 2^`binary_power` times 10^`decimal_power`, rounded up to a whole number;
 /// `None` past what i128 holds, which no real resource amount reaches.
-fn exact_nanos(digits: impl Iterator<Item = char>, binary_power: u32, decimal_power: i32) -> Option<i128> {
+fn exact_nanos(
+    digits: impl Iterator<Item = char>,
+    binary_power: u32,
+    decimal_power: i32,
+) -> Option<i128> {
     let mut mantissa: i128 = 0;
     for digit in digits {
-        mantissa = mantissa.checked_mul(10)?.checked_add(i128::from(digit as u8 - b'0'))?;
+        mantissa = mantissa
+            .checked_mul(10)?
+            .checked_add(i128::from(digit as u8 - b'0'))?;
     }
     mantissa = mantissa.checked_mul(1i128.checked_shl(binary_power)?)?;
     if decimal_power >= 0 {
@@ -612,12 +696,12 @@ impl Quantity {
         let nanos_per_unit = NANOS_PER_UNIT as u128;
         // Binary suffixes only print whole numbers of at least 1Ki; anything else is decimal.
         let binary = self.format == QuantityFormat::BinarySi
-            && magnitude % nanos_per_unit == 0
+            && magnitude.is_multiple_of(nanos_per_unit)
             && magnitude >= 1024 * nanos_per_unit;
         if binary {
             let mut number = magnitude / nanos_per_unit;
             let mut power = 0;
-            while power + 1 < BINARY_SUFFIXES.len() && number % 1024 == 0 {
+            while power + 1 < BINARY_SUFFIXES.len() && number.is_multiple_of(1024) {
                 number /= 1024;
                 power += 1;
             }
@@ -628,7 +712,7 @@ impl Quantity {
         }
         let mut mantissa = magnitude;
         let mut exponent: i32 = -9;
-        while mantissa % 10 == 0 {
+        while mantissa.is_multiple_of(10) {
             mantissa /= 10;
             exponent += 1;
         }
@@ -667,7 +751,11 @@ fn validate_quantity(value: &Value, field: &str, causes: &mut Vec<FieldCause>) -
         }
         Ok(quantity) => {
             if quantity.nanos < 0 {
-                causes.push(invalid(field, &go_quote(&quantity.canonical()), "must be greater than or equal to 0"));
+                causes.push(invalid(
+                    field,
+                    &go_quote(&quantity.canonical()),
+                    NEGATIVE_MESSAGE,
+                ));
             }
             Some(quantity)
         }
@@ -684,12 +772,15 @@ fn is_overcommit_allowed(resource: &str) -> bool {
 fn validate_resources(resources: &Value, path: &str, causes: &mut Vec<FieldCause>) {
     let mut limits = Vec::new();
     for (resource, value) in entries(&resources["limits"]) {
-        if let Some(limit) = validate_quantity(value, &format!("{path}.limits[{resource}]"), causes) {
+        if let Some(limit) = validate_quantity(value, &format!("{path}.limits[{resource}]"), causes)
+        {
             limits.push((resource, limit));
         }
     }
     for (resource, value) in entries(&resources["requests"]) {
-        let Some(request) = validate_quantity(value, &format!("{path}.requests[{resource}]"), causes) else {
+        let Some(request) =
+            validate_quantity(value, &format!("{path}.requests[{resource}]"), causes)
+        else {
             continue;
         };
         let Some((_, limit)) = limits.iter().find(|(name, _)| *name == resource) else {
@@ -701,7 +792,10 @@ fn validate_resources(resources: &Value, path: &str, causes: &mut Vec<FieldCause
             let detail = format!("must be equal to {resource} limit of {}", limit.canonical());
             causes.push(invalid(requests_path, &shown_request, &detail));
         } else if request.nanos > limit.nanos {
-            let detail = format!("must be less than or equal to {resource} limit of {}", limit.canonical());
+            let detail = format!(
+                "must be less than or equal to {resource} limit of {}",
+                limit.canonical()
+            );
             causes.push(invalid(requests_path, &shown_request, &detail));
         }
     }
@@ -742,8 +836,18 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<FieldCause>) {
             container_names.insert(name);
         }
     }
-    validate_enum(&spec["restartPolicy"], &format!("{path}.restartPolicy"), &RESTART_POLICIES, causes);
-    validate_enum(&spec["dnsPolicy"], &format!("{path}.dnsPolicy"), &DNS_POLICIES, causes);
+    validate_enum(
+        &spec["restartPolicy"],
+        &format!("{path}.restartPolicy"),
+        &RESTART_POLICIES,
+        causes,
+    );
+    validate_enum(
+        &spec["dnsPolicy"],
+        &format!("{path}.dnsPolicy"),
+        &DNS_POLICIES,
+        causes,
+    );
 }
 
 /// Checks the pod's volumes and returns the names of the valid ones, the only ones a
@@ -761,7 +865,12 @@ fn validate_volumes<'a>(
         if name.is_empty() {
             errors.push(required(&name_path, ""));
         } else {
-            push_invalid_each(&mut errors, &name_path, &go_quote(name), dns1123_label_errors(name));
+            push_invalid_each(
+                &mut errors,
+                &name_path,
+                &go_quote(name),
+                dns1123_label_errors(name),
+            );
         }
         if names.contains(name) {
             errors.push(duplicate(&name_path, &go_quote(name)));
@@ -785,12 +894,22 @@ fn validate_container(
     if name.is_empty() {
         causes.push(required(&name_path, ""));
     } else {
-        push_invalid_each(causes, &name_path, &go_quote(name), dns1123_label_errors(name));
+        push_invalid_each(
+            causes,
+            &name_path,
+            &go_quote(name),
+            dns1123_label_errors(name),
+        );
     }
     if text(&container["image"]).is_empty() {
         causes.push(required(format!("{path}.image"), ""));
     }
-    validate_enum(&container["imagePullPolicy"], &format!("{path}.imagePullPolicy"), &PULL_POLICIES, causes);
+    validate_enum(
+        &container["imagePullPolicy"],
+        &format!("{path}.imagePullPolicy"),
+        &PULL_POLICIES,
+        causes,
+    );
     validate_container_ports(&container["ports"], &format!("{path}.ports"), causes);
     for (index, variable) in elements(&container["env"]).enumerate() {
         let name_path = format!("{path}.env[{index}].name");
@@ -798,7 +917,12 @@ fn validate_container(
         if name.is_empty() {
             causes.push(required(&name_path, ""));
         } else {
-            push_invalid_each(causes, &name_path, &go_quote(name), env_var_name_errors(name));
+            push_invalid_each(
+                causes,
+                &name_path,
+                &go_quote(name),
+                env_var_name_errors(name),
+            );
         }
     }
     let mut mount_paths = std::collections::HashSet::new();
@@ -816,10 +940,18 @@ fn validate_container(
             causes.push(required(format!("{mount_path}.mountPath"), ""));
         }
         if !mount_paths.insert(target) {
-            causes.push(invalid(format!("{mount_path}.mountPath"), &go_quote(target), "must be unique"));
+            causes.push(invalid(
+                format!("{mount_path}.mountPath"),
+                &go_quote(target),
+                "must be unique",
+            ));
         }
     }
-    validate_resources(&container["resources"], &format!("{path}.resources"), causes);
+    validate_resources(
+        &container["resources"],
+        &format!("{path}.resources"),
+        causes,
+    );
 }
 
 fn validate_container_ports(ports: &Value, path: &str, causes: &mut Vec<FieldCause>) {
@@ -830,7 +962,12 @@ fn validate_container_ports(ports: &Value, path: &str, causes: &mut Vec<FieldCau
         if !name.is_empty() {
             let errors = port_name_errors(name);
             if !errors.is_empty() {
-                push_invalid_each(causes, &format!("{port_path}.name"), &go_quote(name), errors);
+                push_invalid_each(
+                    causes,
+                    &format!("{port_path}.name"),
+                    &go_quote(name),
+                    errors,
+                );
             } else if !names.insert(name) {
                 causes.push(duplicate(format!("{port_path}.name"), &go_quote(name)));
             }
@@ -839,21 +976,42 @@ fn validate_container_ports(ports: &Value, path: &str, causes: &mut Vec<FieldCau
         if container_port == 0 {
             causes.push(required(format!("{port_path}.containerPort"), ""));
         } else if !is_valid_port_number(container_port) {
-            causes.push(invalid(format!("{port_path}.containerPort"), &container_port.to_string(), PORT_RANGE_MESSAGE));
+            causes.push(invalid(
+                format!("{port_path}.containerPort"),
+                &container_port.to_string(),
+                PORT_RANGE_MESSAGE,
+            ));
         }
         // A host port of zero means none.
         let host_port = port["hostPort"].as_i64().unwrap_or(0);
         if host_port != 0 && !is_valid_port_number(host_port) {
-            causes.push(invalid(format!("{port_path}.hostPort"), &host_port.to_string(), PORT_RANGE_MESSAGE));
+            causes.push(invalid(
+                format!("{port_path}.hostPort"),
+                &host_port.to_string(),
+                PORT_RANGE_MESSAGE,
+            ));
         }
-        validate_enum(&port["protocol"], &format!("{port_path}.protocol"), &PORT_PROTOCOLS, causes);
+        validate_enum(
+            &port["protocol"],
+            &format!("{port_path}.protocol"),
+            &PORT_PROTOCOLS,
+            causes,
+        );
     }
 }
 
 /// Checks a workload's pod template at `path`: its labels and annotations and its pod spec.
 fn validate_pod_template(template: &Value, path: &str, causes: &mut Vec<FieldCause>) {
-    validate_labels(&template["metadata"]["labels"], &format!("{path}.metadata.labels"), causes);
-    validate_annotations(&template["metadata"]["annotations"], &format!("{path}.metadata.annotations"), causes);
+    validate_labels(
+        &template["metadata"]["labels"],
+        &format!("{path}.metadata.labels"),
+        causes,
+    );
+    validate_annotations(
+        &template["metadata"]["annotations"],
+        &format!("{path}.metadata.annotations"),
+        causes,
+    );
     validate_pod_spec(&template["spec"], &format!("{path}.spec"), causes);
 }
 
@@ -903,7 +1061,9 @@ fn changed_paths(new: &Value, old: &Value, path: &str, changed: &mut Vec<String>
                 changed_paths(new_field, old_field, &format!("{path}.{key}"), changed);
             }
         }
-        (Value::Array(new_items), Value::Array(old_items)) if new_items.len() == old_items.len() => {
+        (Value::Array(new_items), Value::Array(old_items))
+            if new_items.len() == old_items.len() =>
+        {
             for (index, (new_item, old_item)) in new_items.iter().zip(old_items).enumerate() {
                 changed_paths(new_item, old_item, &format!("{path}[{index}]"), changed);
             }
@@ -919,7 +1079,10 @@ fn validate_pod_update(new: &Value, old: &Value, causes: &mut Vec<FieldCause>) {
     for list in ["containers", "initContainers"] {
         let count = |spec: &Value| spec[list].as_array().map_or(0, Vec::len);
         if count(new_spec) != count(old_spec) {
-            causes.push(forbidden(format!("spec.{list}"), "pod updates may not add or remove containers"));
+            causes.push(forbidden(
+                format!("spec.{list}"),
+                "pod updates may not add or remove containers",
+            ));
             counts_changed = true;
         }
     }
@@ -928,18 +1091,29 @@ fn validate_pod_update(new: &Value, old: &Value, causes: &mut Vec<FieldCause>) {
     }
 
     let deadline_path = "spec.activeDeadlineSeconds";
-    match (new_spec["activeDeadlineSeconds"].as_i64(), old_spec["activeDeadlineSeconds"].as_i64()) {
+    match (
+        new_spec["activeDeadlineSeconds"].as_i64(),
+        old_spec["activeDeadlineSeconds"].as_i64(),
+    ) {
         (Some(new_deadline), _) if !(0..=i64::from(i32::MAX)).contains(&new_deadline) => {
             let detail = format!("must be between 0 and {}, inclusive", i32::MAX);
             causes.push(invalid(deadline_path, &new_deadline.to_string(), &detail));
             return;
         }
         (Some(new_deadline), Some(old_deadline)) if old_deadline < new_deadline => {
-            causes.push(invalid(deadline_path, &new_deadline.to_string(), "must be less than or equal to previous value"));
+            causes.push(invalid(
+                deadline_path,
+                &new_deadline.to_string(),
+                "must be less than or equal to previous value",
+            ));
             return;
         }
         (None, Some(_)) => {
-            causes.push(invalid(deadline_path, "null", "must not update from a positive integer to nil value"));
+            causes.push(invalid(
+                deadline_path,
+                "null",
+                "must not update from a positive integer to nil value",
+            ));
         }
         _ => {}
     }
@@ -953,9 +1127,16 @@ fn validate_pod_update(new: &Value, old: &Value, causes: &mut Vec<FieldCause>) {
         }
         toleration
     };
-    let new_tolerations: Vec<Value> = elements(&new_spec["tolerations"]).map(without_seconds).collect();
-    if !elements(&old_spec["tolerations"]).all(|old| new_tolerations.contains(&without_seconds(old))) {
-        causes.push(forbidden("spec.tolerations", "existing toleration can not be modified except its tolerationSeconds"));
+    let new_tolerations: Vec<Value> = elements(&new_spec["tolerations"])
+        .map(without_seconds)
+        .collect();
+    if !elements(&old_spec["tolerations"])
+        .all(|old| new_tolerations.contains(&without_seconds(old)))
+    {
+        causes.push(forbidden(
+            "spec.tolerations",
+            "existing toleration can not be modified except its tolerationSeconds",
+        ));
     }
 
     // Compare the specs with the updatable fields taken from the old one.
@@ -971,7 +1152,10 @@ fn validate_pod_update(new: &Value, old: &Value, causes: &mut Vec<FieldCause>) {
         munged["activeDeadlineSeconds"] = old_spec["activeDeadlineSeconds"].clone();
         munged["tolerations"] = old_spec["tolerations"].clone();
     }
-    let (munged, old_spec) = (without_unset_fields(&munged), without_unset_fields(old_spec));
+    let (munged, old_spec) = (
+        without_unset_fields(&munged),
+        without_unset_fields(old_spec),
+    );
     if munged != old_spec {
         // Upstream appends a Go diff of the two specs; the changed paths serve the same reader.
         let mut changed = Vec::new();
@@ -1015,22 +1199,43 @@ fn validate_service(service: &Value, old: Option<&Value>, causes: &mut Vec<Field
     match service_type {
         "LoadBalancer" => {
             if headless {
-                causes.push(invalid("spec.clusterIPs[0]", &first_cluster_ip, "may not be set to 'None' for LoadBalancer services"));
+                causes.push(invalid(
+                    "spec.clusterIPs[0]",
+                    &first_cluster_ip,
+                    "may not be set to 'None' for LoadBalancer services",
+                ));
             }
             for (index, port) in ports.iter().enumerate() {
                 if port["port"].as_i64() == Some(KUBELET_PORT) {
-                    let detail = format!("may not expose port {KUBELET_PORT} externally since it is used by kubelet");
-                    causes.push(invalid(format!("spec.ports[{index}]"), &KUBELET_PORT.to_string(), &detail));
+                    let detail = format!(
+                        "may not expose port {KUBELET_PORT} externally since it is used by kubelet"
+                    );
+                    causes.push(invalid(
+                        format!("spec.ports[{index}]"),
+                        &KUBELET_PORT.to_string(),
+                        &detail,
+                    ));
                 }
             }
         }
         "NodePort" if headless => {
-            causes.push(invalid("spec.clusterIPs[0]", &first_cluster_ip, "may not be set to 'None' for NodePort services"));
+            causes.push(invalid(
+                "spec.clusterIPs[0]",
+                &first_cluster_ip,
+                "may not be set to 'None' for NodePort services",
+            ));
         }
         "ExternalName" => {
-            for (field, value) in [("clusterIPs", &spec["clusterIPs"]), ("ipFamilies", &spec["ipFamilies"]), ("ipFamilyPolicy", &spec["ipFamilyPolicy"])] {
+            for (field, value) in [
+                ("clusterIPs", &spec["clusterIPs"]),
+                ("ipFamilies", &spec["ipFamilies"]),
+                ("ipFamilyPolicy", &spec["ipFamilyPolicy"]),
+            ] {
                 if !is_unset(value) {
-                    causes.push(forbidden(format!("spec.{field}"), "may not be set for ExternalName services"));
+                    causes.push(forbidden(
+                        format!("spec.{field}"),
+                        "may not be set for ExternalName services",
+                    ));
                 }
             }
             // The name is a CNAME target, which may end with a dot to mark it fully qualified.
@@ -1039,7 +1244,12 @@ fn validate_service(service: &Value, old: Option<&Value>, causes: &mut Vec<Field
             if target.is_empty() {
                 causes.push(required("spec.externalName", ""));
             } else {
-                push_invalid_each(causes, "spec.externalName", &go_quote(target), dns1123_subdomain_errors(target));
+                push_invalid_each(
+                    causes,
+                    "spec.externalName",
+                    &go_quote(target),
+                    dns1123_subdomain_errors(target),
+                );
             }
         }
         _ => {}
@@ -1054,31 +1264,59 @@ fn validate_service(service: &Value, old: Option<&Value>, causes: &mut Vec<Field
         if name_required && name.is_empty() {
             causes.push(required(format!("{port_path}.name"), ""));
         } else if !name.is_empty() {
-            push_invalid_each(causes, &format!("{port_path}.name"), &go_quote(name), dns1123_label_errors(name));
+            push_invalid_each(
+                causes,
+                &format!("{port_path}.name"),
+                &go_quote(name),
+                dns1123_label_errors(name),
+            );
             if !names.insert(name) {
                 causes.push(duplicate(format!("{port_path}.name"), &go_quote(name)));
             }
         }
         let number = port["port"].as_i64().unwrap_or(0);
         if !is_valid_port_number(number) {
-            causes.push(invalid(format!("{port_path}.port"), &number.to_string(), PORT_RANGE_MESSAGE));
+            causes.push(invalid(
+                format!("{port_path}.port"),
+                &number.to_string(),
+                PORT_RANGE_MESSAGE,
+            ));
         }
-        validate_enum(&port["protocol"], &format!("{port_path}.protocol"), &PORT_PROTOCOLS, causes);
+        validate_enum(
+            &port["protocol"],
+            &format!("{port_path}.protocol"),
+            &PORT_PROTOCOLS,
+            causes,
+        );
         let target_path = format!("{port_path}.targetPort");
         match &port["targetPort"] {
             Value::String(target_name) => {
-                push_invalid_each(causes, &target_path, &go_quote(target_name), port_name_errors(target_name));
+                push_invalid_each(
+                    causes,
+                    &target_path,
+                    &go_quote(target_name),
+                    port_name_errors(target_name),
+                );
             }
             target => {
                 let target_number = target.as_i64().unwrap_or(0);
                 if !is_valid_port_number(target_number) {
-                    causes.push(invalid(target_path, &target_number.to_string(), PORT_RANGE_MESSAGE));
+                    causes.push(invalid(
+                        target_path,
+                        &target_number.to_string(),
+                        PORT_RANGE_MESSAGE,
+                    ));
                 }
             }
         }
     }
     validate_labels(&spec["selector"], "spec.selector", causes);
-    validate_enum(&spec["sessionAffinity"], "spec.sessionAffinity", &SESSION_AFFINITIES, causes);
+    validate_enum(
+        &spec["sessionAffinity"],
+        "spec.sessionAffinity",
+        &SESSION_AFFINITIES,
+        causes,
+    );
     validate_enum(&spec["type"], "spec.type", &SERVICE_TYPES, causes);
 
     // Only Services reachable on every node's address have node ports.
@@ -1096,14 +1334,20 @@ fn validate_service(service: &Value, old: Option<&Value>, causes: &mut Vec<Field
         let protocol = text(&port["protocol"]);
         let node_port = port["nodePort"].as_i64().unwrap_or(0);
         if node_port != 0 && !node_ports.insert((protocol, node_port)) {
-            causes.push(duplicate(format!("spec.ports[{index}].nodePort"), &node_port.to_string()));
+            causes.push(duplicate(
+                format!("spec.ports[{index}].nodePort"),
+                &node_port.to_string(),
+            ));
         }
     }
     for (index, port) in ports.iter().enumerate() {
         let protocol = text(&port["protocol"]);
         let number = port["port"].as_i64().unwrap_or(0);
         if !service_ports.insert((protocol, number)) {
-            causes.push(duplicate(format!("spec.ports[{index}]"), &go_service_port_key(protocol, number)));
+            causes.push(duplicate(
+                format!("spec.ports[{index}]"),
+                &go_service_port_key(protocol, number),
+            ));
         }
     }
 }
@@ -1130,16 +1374,28 @@ fn validate_cluster_ips_update(new_spec: &Value, old_spec: &Value, causes: &mut 
         std::cmp::Ordering::Equal => {
             for (index, (old_ip, new_ip)) in old_ips.iter().zip(&new_ips).enumerate() {
                 if old_ip != new_ip {
-                    causes.push(invalid(format!("spec.clusterIPs[{index}]"), &shown, "may not change once set"));
+                    causes.push(invalid(
+                        format!("spec.clusterIPs[{index}]"),
+                        &shown,
+                        "may not change once set",
+                    ));
                 }
             }
         }
         std::cmp::Ordering::Greater => {
             if new_ips.is_empty() {
-                causes.push(invalid("spec.clusterIPs[0]", &shown, "primary clusterIP can not be unset"));
+                causes.push(invalid(
+                    "spec.clusterIPs[0]",
+                    &shown,
+                    "primary clusterIP can not be unset",
+                ));
             }
             if primary_changed {
-                causes.push(invalid("spec.clusterIPs[0]", &shown, "may not change once set"));
+                causes.push(invalid(
+                    "spec.clusterIPs[0]",
+                    &shown,
+                    "may not change once set",
+                ));
             }
             if new_ips.len() == 1 && text(&new_spec["ipFamilyPolicy"]) != "SingleStack" {
                 causes.push(invalid(
@@ -1151,9 +1407,543 @@ fn validate_cluster_ips_update(new_spec: &Value, old_spec: &Value, causes: &mut 
         }
         std::cmp::Ordering::Less => {
             if primary_changed {
-                causes.push(invalid("spec.clusterIPs[0]", &shown, "may not change once set"));
+                causes.push(invalid(
+                    "spec.clusterIPs[0]",
+                    &shown,
+                    "may not change once set",
+                ));
             }
         }
+    }
+}
+
+// Workloads: Deployments, ReplicaSets and DaemonSets.
+
+const DEPLOYMENT_STRATEGIES: [&str; 2] = ["Recreate", "RollingUpdate"];
+const DAEMON_SET_STRATEGIES: [&str; 2] = ["RollingUpdate", "OnDelete"];
+/// A label selector as `%#v` prints a `metav1.LabelSelector`.
+fn go_label_selector(selector: &Value) -> String {
+    let expressions = match selector["matchExpressions"].as_array() {
+        None => "[]v1.LabelSelectorRequirement(nil)".to_string(),
+        Some(requirements) => {
+            let shown: Vec<String> = requirements
+                .iter()
+                .map(|requirement| {
+                    format!(
+                        "v1.LabelSelectorRequirement{{Key:{}, Operator:{}, Values:{}}}",
+                        go_quote(text(&requirement["key"])),
+                        go_quote(text(&requirement["operator"])),
+                        go_string_slice(&requirement["values"])
+                    )
+                })
+                .collect();
+            format!("[]v1.LabelSelectorRequirement{{{}}}", shown.join(", "))
+        }
+    };
+    format!(
+        "v1.LabelSelector{{MatchLabels:{}, MatchExpressions:{expressions}}}",
+        go_string_map(&selector["matchLabels"])
+    )
+}
+
+/// An int-or-string field as `%#v` prints an `intstr.IntOrString`.
+fn go_int_or_string(value: &Value) -> String {
+    match value {
+        Value::String(text) => format!(
+            "intstr.IntOrString{{Type:1, IntVal:0, StrVal:{}}}",
+            go_quote(text)
+        ),
+        other => format!(
+            "intstr.IntOrString{{Type:0, IntVal:{}, StrVal:\"\"}}",
+            other.as_i64().unwrap_or(0)
+        ),
+    }
+}
+
+/// A workload's update strategy as `%#v` prints it; upstream shows the whole struct when its
+/// type is unknown. `go_type` names the strategy struct, as `DeploymentStrategy`.
+fn go_update_strategy(strategy: &Value, go_type: &str, rolling_update_type: &str) -> String {
+    let rolling_update = if strategy["rollingUpdate"].is_null() {
+        "nil"
+    } else {
+        "..."
+    };
+    format!(
+        "apps.{go_type}{{Type:{}, RollingUpdate:(*apps.{rolling_update_type})({rolling_update})}}",
+        go_quote(text(&strategy["type"]))
+    )
+}
+
+fn validate_label_selector(selector: &Value, path: &str, causes: &mut Vec<FieldCause>) {
+    validate_labels(
+        &selector["matchLabels"],
+        &format!("{path}.matchLabels"),
+        causes,
+    );
+    for (index, requirement) in elements(&selector["matchExpressions"]).enumerate() {
+        let requirement_path = format!("{path}.matchExpressions[{index}]");
+        let has_values = !is_unset(&requirement["values"]);
+        let operator = text(&requirement["operator"]);
+        match operator {
+            "In" | "NotIn" if !has_values => causes.push(required(
+                format!("{requirement_path}.values"),
+                "must be specified when `operator` is 'In' or 'NotIn'",
+            )),
+            "Exists" | "DoesNotExist" if has_values => causes.push(forbidden(
+                format!("{requirement_path}.values"),
+                "may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
+            )),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            _ => causes.push(invalid(
+                format!("{requirement_path}.operator"),
+                &go_quote(operator),
+                "not a valid selector operator",
+            )),
+        }
+        let key = text(&requirement["key"]);
+        push_invalid_each(
+            causes,
+            &format!("{requirement_path}.key"),
+            &go_quote(key),
+            qualified_name_errors(key),
+        );
+        for (value_index, value) in elements(&requirement["values"]).enumerate() {
+            let value = text(value);
+            let value_path = format!("{requirement_path}.values[{value_index}]");
+            push_invalid_each(
+                causes,
+                &value_path,
+                &go_quote(value),
+                label_value_errors(value),
+            );
+        }
+    }
+}
+
+/// Whether `selector` selects an object labelled `labels`, or `None` when the selector cannot
+/// be used because one of its requirements is malformed. A missing selector selects nothing.
+fn selector_matches(selector: &Value, labels: &Value) -> Option<bool> {
+    if selector.is_null() {
+        return Some(false);
+    }
+    let label = |key: &str| labels.get(key).and_then(Value::as_str);
+    let mut matches =
+        entries(&selector["matchLabels"]).all(|(key, value)| label(key) == Some(text(value)));
+    for requirement in elements(&selector["matchExpressions"]) {
+        let values: Vec<&str> = elements(&requirement["values"]).map(text).collect();
+        let found = label(text(&requirement["key"]));
+        matches &= match text(&requirement["operator"]) {
+            "In" if !values.is_empty() => found.is_some_and(|value| values.contains(&value)),
+            "NotIn" if !values.is_empty() => found.is_none_or(|value| !values.contains(&value)),
+            "Exists" if values.is_empty() => found.is_some(),
+            "DoesNotExist" if values.is_empty() => found.is_none(),
+            _ => return None,
+        };
+    }
+    Some(matches)
+}
+
+fn has_requirements(selector: &Value) -> bool {
+    !is_unset(&selector["matchExpressions"])
+        || selector["matchLabels"]
+            .as_object()
+            .is_some_and(|labels| !labels.is_empty())
+}
+
+/// The amount an int-or-percent field stands for, in its own unit, as upstream compares them.
+fn int_or_percent_amount(value: &Value) -> i64 {
+    match value {
+        Value::String(text) => text.trim_end_matches('%').parse().unwrap_or(0),
+        other => other.as_i64().unwrap_or(0),
+    }
+}
+
+/// Checks a field that is a non-negative count or a percentage, such as `maxSurge`.
+fn validate_int_or_percent(value: &Value, path: &str, causes: &mut Vec<FieldCause>) {
+    match value {
+        Value::String(percent) => {
+            let digits = percent.strip_suffix('%').unwrap_or("");
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                causes.push(invalid(
+                    path,
+                    &go_int_or_string(value),
+                    "a valid percent string must be a numeric string followed by an ending '%' (e.g. '1%' or '93%', regex used for validation is '[0-9]+%')",
+                ));
+            } else if int_or_percent_amount(value) > 100 {
+                causes.push(invalid(
+                    path,
+                    &go_int_or_string(value),
+                    "must not be greater than 100%",
+                ));
+            }
+        }
+        other => {
+            let count = other.as_i64().unwrap_or(0);
+            if count < 0 {
+                causes.push(invalid(path, &count.to_string(), NEGATIVE_MESSAGE));
+            }
+        }
+    }
+}
+
+/// Checks a rolling update's `maxUnavailable` and `maxSurge`. A rollout needs room to move: a
+/// Deployment needs at least one of them non-zero, and a DaemonSet, which cannot run two pods
+/// on a node the old way and the new at once, exactly one.
+fn validate_rolling_update(
+    rolling_update: &Value,
+    path: &str,
+    daemon_set: bool,
+    causes: &mut Vec<FieldCause>,
+) {
+    let (max_unavailable, max_surge) = (
+        &rolling_update["maxUnavailable"],
+        &rolling_update["maxSurge"],
+    );
+    let unavailable_path = format!("{path}.maxUnavailable");
+    let surge_path = format!("{path}.maxSurge");
+    validate_int_or_percent(max_unavailable, &unavailable_path, causes);
+    validate_int_or_percent(max_surge, &surge_path, causes);
+    let has_unavailable = int_or_percent_amount(max_unavailable) != 0;
+    let has_surge = int_or_percent_amount(max_surge) != 0;
+    if !has_unavailable && !has_surge {
+        let detail = if daemon_set {
+            "cannot be 0 when maxSurge is 0"
+        } else {
+            "may not be 0 when `maxSurge` is 0"
+        };
+        causes.push(invalid(
+            unavailable_path,
+            &go_int_or_string(max_unavailable),
+            detail,
+        ));
+    } else if daemon_set && has_unavailable && has_surge {
+        causes.push(invalid(
+            surge_path,
+            &go_int_or_string(max_surge),
+            "may not be set when maxUnavailable is non-zero",
+        ));
+    }
+}
+
+fn validate_deployment_strategy(strategy: &Value, causes: &mut Vec<FieldCause>) {
+    match text(&strategy["type"]) {
+        "Recreate" if !strategy["rollingUpdate"].is_null() => causes.push(forbidden(
+            "spec.strategy.rollingUpdate",
+            "may not be specified when strategy `type` is 'Recreate'",
+        )),
+        "Recreate" => {}
+        "RollingUpdate" if strategy["rollingUpdate"].is_null() => causes.push(required(
+            "spec.strategy.rollingUpdate",
+            "this should be defaulted and never be nil",
+        )),
+        "RollingUpdate" => validate_rolling_update(
+            &strategy["rollingUpdate"],
+            "spec.strategy.rollingUpdate",
+            false,
+            causes,
+        ),
+        _ => {
+            let shown =
+                go_update_strategy(strategy, "DeploymentStrategy", "RollingUpdateDeployment");
+            causes.push(not_supported(
+                "spec.strategy",
+                &shown,
+                &DEPLOYMENT_STRATEGIES,
+            ));
+        }
+    }
+}
+
+fn validate_daemon_set_strategy(strategy: &Value, causes: &mut Vec<FieldCause>) {
+    match text(&strategy["type"]) {
+        "OnDelete" => {}
+        "RollingUpdate" if strategy["rollingUpdate"].is_null() => {
+            causes.push(required("spec.updateStrategy.rollingUpdate", ""));
+        }
+        "RollingUpdate" => validate_rolling_update(
+            &strategy["rollingUpdate"],
+            "spec.updateStrategy.rollingUpdate",
+            true,
+            causes,
+        ),
+        _ => {
+            let shown = go_update_strategy(
+                strategy,
+                "DaemonSetUpdateStrategy",
+                "RollingUpdateDaemonSet",
+            );
+            causes.push(not_supported(
+                "spec.updateStrategy",
+                &shown,
+                &DAEMON_SET_STRATEGIES,
+            ));
+        }
+    }
+}
+
+/// Checks a Deployment, ReplicaSet or DaemonSet: the parts they share (selector, template)
+/// and each kind's own replicas and update strategy.
+fn validate_workload(
+    kind: &str,
+    object: &Value,
+    old: Option<&Value>,
+    causes: &mut Vec<FieldCause>,
+) {
+    let spec = &object["spec"];
+    let daemon_set = kind == "DaemonSet";
+    if !daemon_set
+        && let Some(replicas) = spec["replicas"].as_i64().filter(|replicas| *replicas < 0)
+    {
+        causes.push(invalid(
+            "spec.replicas",
+            &replicas.to_string(),
+            NEGATIVE_MESSAGE,
+        ));
+    }
+    let selector = &spec["selector"];
+    if selector.is_null() {
+        causes.push(required("spec.selector", ""));
+    } else {
+        validate_label_selector(selector, "spec.selector", causes);
+        if !has_requirements(selector) {
+            // Upstream says "deployment" for ReplicaSets too.
+            let owner = if daemon_set {
+                "daemonset"
+            } else {
+                "deployment"
+            };
+            let detail = format!("empty selector is invalid for {owner}");
+            causes.push(invalid(
+                "spec.selector",
+                &go_label_selector(selector),
+                &detail,
+            ));
+        }
+    }
+    let template = &spec["template"];
+    let template_labels = &template["metadata"]["labels"];
+    // An empty selector selects everything, so there is nothing to match; it is refused above.
+    if selector.is_null() || has_requirements(selector) {
+        match selector_matches(selector, template_labels) {
+            Some(true) => {}
+            Some(false) => causes.push(invalid(
+                "spec.template.metadata.labels",
+                &go_string_map(template_labels),
+                "`selector` does not match template `labels`",
+            )),
+            None if !daemon_set => causes.push(invalid(
+                "spec.selector",
+                &go_label_selector(selector),
+                "invalid label selector",
+            )),
+            None => {}
+        }
+    }
+    validate_pod_template(template, "spec.template", causes);
+    // The controller replaces pods that stop, so their containers must restart in place too.
+    let restart_policy = text(&template["spec"]["restartPolicy"]);
+    if restart_policy != "Always" {
+        causes.push(not_supported(
+            "spec.template.spec.restartPolicy",
+            &go_quote(restart_policy),
+            &["Always"],
+        ));
+    }
+    let deadline = &template["spec"]["activeDeadlineSeconds"];
+    if !deadline.is_null() {
+        let path = "spec.template.spec.activeDeadlineSeconds";
+        if daemon_set {
+            causes.push(invalid(
+                path,
+                &go_scalar(deadline),
+                "activeDeadlineSeconds must be nil for DaemonSets",
+            ));
+        } else {
+            causes.push(forbidden(
+                path,
+                "activeDeadlineSeconds in ReplicaSet is not Supported",
+            ));
+        }
+    }
+    match kind {
+        "Deployment" => validate_deployment_strategy(&spec["strategy"], causes),
+        "DaemonSet" => validate_daemon_set_strategy(&spec["updateStrategy"], causes),
+        _ => {}
+    }
+    // A changed selector would orphan the pods the old one selected.
+    if let Some(old) = old
+        && without_unset_fields(selector) != without_unset_fields(&old["spec"]["selector"])
+    {
+        causes.push(invalid(
+            "spec.selector",
+            &go_label_selector(selector),
+            FIELD_IMMUTABLE_MESSAGE,
+        ));
+    }
+}
+
+// ConfigMaps and Secrets.
+
+/// The most data a ConfigMap or Secret may carry, so that it fits in one etcd value.
+const MAX_DATA_SIZE_BYTES: usize = 1024 * 1024;
+const IMMUTABLE_DATA_MESSAGE: &str = "field is immutable when `immutable` is set";
+
+/// The size of the bytes a base64 text decodes to.
+fn decoded_base64_length(encoded: &str) -> usize {
+    encoded.trim_end_matches('=').len() * 3 / 4
+}
+
+/// Checks that `field` kept its old value, as `ValidateImmutableField` does.
+fn validate_unchanged(new: &Value, old: &Value, field: &str, causes: &mut Vec<FieldCause>) {
+    if without_unset_fields(new) != without_unset_fields(old) {
+        causes.push(invalid(field, &go_scalar(new), FIELD_IMMUTABLE_MESSAGE));
+    }
+}
+
+/// Once `immutable` is set, neither it nor the data may change: kubelets stop watching such
+/// objects and would never see the change.
+fn validate_immutable_data(
+    new: &Value,
+    old: &Value,
+    data_fields: &[&str],
+    causes: &mut Vec<FieldCause>,
+) {
+    if old["immutable"] != Value::Bool(true) {
+        return;
+    }
+    if new["immutable"] != Value::Bool(true) {
+        causes.push(forbidden("immutable", IMMUTABLE_DATA_MESSAGE));
+    }
+    for field in data_fields {
+        if without_unset_fields(&new[*field]) != without_unset_fields(&old[*field]) {
+            causes.push(forbidden(*field, IMMUTABLE_DATA_MESSAGE));
+        }
+    }
+}
+
+fn validate_config_map(config_map: &Value, old: Option<&Value>, causes: &mut Vec<FieldCause>) {
+    if let Some(old) = old {
+        validate_immutable_data(config_map, old, &["data", "binaryData"], causes);
+    }
+    let mut total_size = 0;
+    // Keys become file names in the same volume, so one may not appear in both maps.
+    for (field, other) in [("data", "binaryData"), ("binaryData", "data")] {
+        for (key, value) in entries(&config_map[field]) {
+            let key_path = format!("{field}[{key}]");
+            push_invalid_each(
+                causes,
+                &key_path,
+                &go_quote(key),
+                config_map_key_errors(key),
+            );
+            if config_map[other].get(key).is_some() {
+                causes.push(invalid(
+                    &key_path,
+                    &go_quote(key),
+                    &format!("duplicate of key present in {other}"),
+                ));
+            }
+            total_size += match field {
+                "data" => text(value).len(),
+                _ => decoded_base64_length(text(value)),
+            };
+        }
+    }
+    if total_size > MAX_DATA_SIZE_BYTES {
+        // Upstream reports the whole object with an empty path, which prints as `[]`.
+        causes.push(too_long("[]", MAX_DATA_SIZE_BYTES));
+    }
+}
+
+/// The data keys each built-in Secret type requires, and whether one of them is enough.
+fn required_secret_keys(secret_type: &str) -> (&'static [&'static str], bool) {
+    match secret_type {
+        "kubernetes.io/dockercfg" => (&[".dockercfg"], false),
+        "kubernetes.io/dockerconfigjson" => (&[".dockerconfigjson"], false),
+        "kubernetes.io/basic-auth" => (&["username", "password"], true),
+        "kubernetes.io/ssh-auth" => (&["ssh-privatekey"], false),
+        "kubernetes.io/tls" => (&["tls.crt", "tls.key"], false),
+        _ => (&[], false),
+    }
+}
+
+fn validate_secret(secret: &Value, old: Option<&Value>, causes: &mut Vec<FieldCause>) {
+    if let Some(old) = old {
+        validate_unchanged(&secret["type"], &old["type"], "type", causes);
+        validate_immutable_data(secret, old, &["data"], causes);
+    }
+    let data = &secret["data"];
+    let mut total_size = 0;
+    for (key, value) in entries(data) {
+        push_invalid_each(
+            causes,
+            &format!("data[{key}]"),
+            &go_quote(key),
+            config_map_key_errors(key),
+        );
+        total_size += decoded_base64_length(text(value));
+    }
+    if total_size > MAX_DATA_SIZE_BYTES {
+        causes.push(too_long("data", MAX_DATA_SIZE_BYTES));
+    }
+    let secret_type = text(&secret["type"]);
+    if secret_type == "kubernetes.io/service-account-token"
+        && text(&secret["metadata"]["annotations"]["kubernetes.io/service-account.name"]).is_empty()
+    {
+        causes.push(required(
+            "metadata.annotations[kubernetes.io/service-account.name]",
+            "",
+        ));
+    }
+    let (keys, any_one_will_do) = required_secret_keys(secret_type);
+    let missing: Vec<&&str> = keys
+        .iter()
+        .filter(|key| data.get(**key).is_none())
+        .collect();
+    if !any_one_will_do || missing.len() == keys.len() {
+        for key in missing {
+            causes.push(required(format!("data[{key}]"), ""));
+        }
+    }
+}
+
+// Leases and EndpointSlices.
+
+const ADDRESS_TYPES: [&str; 3] = ["FQDN", "IPv4", "IPv6"];
+
+fn validate_lease(lease: &Value, causes: &mut Vec<FieldCause>) {
+    let spec = &lease["spec"];
+    if let Some(duration) = spec["leaseDurationSeconds"]
+        .as_i64()
+        .filter(|duration| *duration <= 0)
+    {
+        causes.push(invalid(
+            "spec.leaseDurationSeconds",
+            &duration.to_string(),
+            "must be greater than 0",
+        ));
+    }
+    if let Some(transitions) = spec["leaseTransitions"]
+        .as_i64()
+        .filter(|transitions| *transitions < 0)
+    {
+        causes.push(invalid(
+            "spec.leaseTransitions",
+            &transitions.to_string(),
+            NEGATIVE_MESSAGE,
+        ));
+    }
+}
+
+fn validate_endpoint_slice(slice: &Value, old: Option<&Value>, causes: &mut Vec<FieldCause>) {
+    validate_enum(&slice["addressType"], "addressType", &ADDRESS_TYPES, causes);
+    if let Some(old) = old {
+        validate_unchanged(
+            &slice["addressType"],
+            &old["addressType"],
+            "addressType",
+            causes,
+        );
     }
 }
 
@@ -1166,7 +1956,10 @@ mod tests {
 
     /// The causes as `field: message` lines, which is how users read them.
     fn shown(causes: &[FieldCause]) -> Vec<String> {
-        causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect()
+        causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect()
     }
 
     fn only_cause(kind: &str, object: &Value, old: Option<&Value>) -> FieldCause {
@@ -1185,7 +1978,10 @@ mod tests {
         assert!(dns1123_label_errors("my-name-1").is_empty());
         assert_eq!(dns1123_label_errors("a.b"), vec!["must not contain dots"]);
         assert_eq!(dns1123_label_errors("-a").len(), 1);
-        assert_eq!(dns1123_label_errors(&"a".repeat(64)), vec!["must be no more than 63 characters"]);
+        assert_eq!(
+            dns1123_label_errors(&"a".repeat(64)),
+            vec!["must be no more than 63 characters"]
+        );
         assert!(dns1123_subdomain_errors("example.com").is_empty());
         assert_eq!(dns1123_subdomain_errors("a..b"), vec![SUBDOMAIN_MESSAGE]);
         assert_eq!(dns1123_subdomain_errors("Foo_Bar"), vec![SUBDOMAIN_MESSAGE]);
@@ -1193,7 +1989,10 @@ mod tests {
         assert_eq!(dns1035_label_errors("1web").len(), 1);
         assert!(qualified_name_errors("app.kubernetes.io/name").is_empty());
         assert!(qualified_name_errors("My_Key.1").is_empty());
-        assert_eq!(qualified_name_errors("/x"), vec!["prefix part must be non-empty"]);
+        assert_eq!(
+            qualified_name_errors("/x"),
+            vec!["prefix part must be non-empty"]
+        );
         assert_eq!(qualified_name_errors("a/b/c").len(), 1);
         assert_eq!(
             qualified_name_errors("x/"),
@@ -1206,10 +2005,22 @@ mod tests {
         assert!(label_value_errors("v1.2_x").is_empty());
         assert_eq!(label_value_errors("-x").len(), 1);
         assert!(port_name_errors("http-alt").is_empty());
-        assert_eq!(port_name_errors("8080"), vec!["must contain at least one letter (a-z)"]);
-        assert_eq!(port_name_errors("a--b"), vec!["must not contain consecutive hyphens"]);
-        assert_eq!(port_name_errors("-ab"), vec!["must not begin or end with a hyphen"]);
-        assert_eq!(port_name_errors("this-is-too-long-x"), vec!["must be no more than 15 characters"]);
+        assert_eq!(
+            port_name_errors("8080"),
+            vec!["must contain at least one letter (a-z)"]
+        );
+        assert_eq!(
+            port_name_errors("a--b"),
+            vec!["must not contain consecutive hyphens"]
+        );
+        assert_eq!(
+            port_name_errors("-ab"),
+            vec!["must not begin or end with a hyphen"]
+        );
+        assert_eq!(
+            port_name_errors("this-is-too-long-x"),
+            vec!["must be no more than 15 characters"]
+        );
         assert_eq!(port_name_errors("HTTP").len(), 2);
         assert!(env_var_name_errors("MY_VAR.x-1").is_empty());
         assert_eq!(env_var_name_errors("1X").len(), 1);
@@ -1222,9 +2033,15 @@ mod tests {
     #[test]
     fn go_formatting() {
         assert_eq!(go_quote("a\"b\\c\n"), "\"a\\\"b\\\\c\\n\"");
-        assert_eq!(go_string_map(&json!({"b": "2", "a": "1"})), "map[string]string{\"a\":\"1\", \"b\":\"2\"}");
+        assert_eq!(
+            go_string_map(&json!({"b": "2", "a": "1"})),
+            "map[string]string{\"a\":\"1\", \"b\":\"2\"}"
+        );
         assert_eq!(go_string_map(&Value::Null), "map[string]string(nil)");
-        assert_eq!(go_string_slice(&json!(["10.0.0.1"])), "[]string{\"10.0.0.1\"}");
+        assert_eq!(
+            go_string_slice(&json!(["10.0.0.1"])),
+            "[]string{\"10.0.0.1\"}"
+        );
         assert_eq!(go_scalar(&json!(8080)), "8080");
     }
 
@@ -1233,33 +2050,66 @@ mod tests {
         let cause = only_cause("ConfigMap", &json!({"metadata": {}}), None);
         assert_eq!(cause.reason, "FieldValueRequired");
         assert_eq!(cause.field, "metadata.name");
-        assert_eq!(cause.message, "Required value: name or generateName is required");
+        assert_eq!(
+            cause.message,
+            "Required value: name or generateName is required"
+        );
 
         let cause = only_cause("ConfigMap", &json!({"metadata": {"name": "Foo_Bar"}}), None);
         assert_eq!(cause.reason, "FieldValueInvalid");
-        assert_eq!(cause.message, format!("Invalid value: \"Foo_Bar\": {SUBDOMAIN_MESSAGE}"));
+        assert_eq!(
+            cause.message,
+            format!("Invalid value: \"Foo_Bar\": {SUBDOMAIN_MESSAGE}")
+        );
 
         let cause = only_cause("Namespace", &json!({"metadata": {"name": "a.b"}}), None);
-        assert_eq!(cause.message, "Invalid value: \"a.b\": must not contain dots");
-        let cause = only_cause("Service", &json!({"metadata": {"name": "1st"}, "spec": {"type": "ExternalName", "externalName": "db.example.com", "sessionAffinity": "None"}}), None);
+        assert_eq!(
+            cause.message,
+            "Invalid value: \"a.b\": must not contain dots"
+        );
+        let cause = only_cause(
+            "Service",
+            &json!({"metadata": {"name": "1st"}, "spec": {"type": "ExternalName", "externalName": "db.example.com", "sessionAffinity": "None"}}),
+            None,
+        );
         assert_eq!(cause.field, "metadata.name");
-        assert!(cause.message.starts_with("Invalid value: \"1st\": a DNS-1035 label"));
+        assert!(
+            cause
+                .message
+                .starts_with("Invalid value: \"1st\": a DNS-1035 label")
+        );
     }
 
     #[test]
     fn generate_name_may_end_with_a_dash() {
-        assert_valid("Widget", &json!({"metadata": {"name": "web-x7k2p", "generateName": "web-"}}), None);
-        let cause = only_cause("Widget", &json!({"metadata": {"name": "x", "generateName": "Web-"}}), None);
+        assert_valid(
+            "Widget",
+            &json!({"metadata": {"name": "web-x7k2p", "generateName": "web-"}}),
+            None,
+        );
+        let cause = only_cause(
+            "Widget",
+            &json!({"metadata": {"name": "x", "generateName": "Web-"}}),
+            None,
+        );
         assert_eq!(cause.field, "metadata.generateName");
     }
 
     #[test]
     fn cluster_scoped_kinds_take_no_namespace() {
-        let cause = only_cause("Node", &json!({"metadata": {"name": "n1", "namespace": "default"}}), None);
+        let cause = only_cause(
+            "Node",
+            &json!({"metadata": {"name": "n1", "namespace": "default"}}),
+            None,
+        );
         assert_eq!(cause.reason, "FieldValueForbidden");
         assert_eq!(cause.field, "metadata.namespace");
         assert_eq!(cause.message, "Forbidden: not allowed on this type");
-        assert_valid("Event", &json!({"metadata": {"name": "web.17a", "namespace": "default"}}), None);
+        assert_valid(
+            "Event",
+            &json!({"metadata": {"name": "web.17a", "namespace": "default"}}),
+            None,
+        );
     }
 
     #[test]
@@ -1267,19 +2117,42 @@ mod tests {
         let object = json!({"metadata": {"name": "x", "labels": {"app": "web", "bad key": "ok", "tier": "-x"}}});
         let causes = validate("Widget", &object, None);
         assert_eq!(causes.len(), 2, "{:#?}", shown(&causes));
-        assert!(causes.iter().all(|c| c.field == "metadata.labels" && c.reason == "FieldValueInvalid"));
-        assert!(causes[0].message.starts_with("Invalid value: \"bad key\": name part must consist of"));
-        assert!(causes[1].message.starts_with("Invalid value: \"-x\": a valid label must be an empty string"));
+        assert!(
+            causes
+                .iter()
+                .all(|c| c.field == "metadata.labels" && c.reason == "FieldValueInvalid")
+        );
+        assert!(
+            causes[0]
+                .message
+                .starts_with("Invalid value: \"bad key\": name part must consist of")
+        );
+        assert!(
+            causes[1]
+                .message
+                .starts_with("Invalid value: \"-x\": a valid label must be an empty string")
+        );
 
-        assert_valid("Widget", &json!({"metadata": {"name": "x", "annotations": {"Example.com/Note": "anything at all"}}}), None);
-        let cause = only_cause("Widget", &json!({"metadata": {"name": "x", "annotations": {"a b": ""}}}), None);
+        assert_valid(
+            "Widget",
+            &json!({"metadata": {"name": "x", "annotations": {"Example.com/Note": "anything at all"}}}),
+            None,
+        );
+        let cause = only_cause(
+            "Widget",
+            &json!({"metadata": {"name": "x", "annotations": {"a b": ""}}}),
+            None,
+        );
         assert_eq!(cause.field, "metadata.annotations");
         let big = "x".repeat(TOTAL_ANNOTATION_SIZE_LIMIT_BYTES);
-        let cause = only_cause("Widget", &json!({"metadata": {"name": "x", "annotations": {"note": big}}}), None);
+        let cause = only_cause(
+            "Widget",
+            &json!({"metadata": {"name": "x", "annotations": {"note": big}}}),
+            None,
+        );
         assert_eq!(cause.reason, "FieldValueTooLong");
         assert_eq!(cause.message, "Too long: must have at most 262144 bytes");
     }
-
 
     /// A Pod as the API server holds it after defaulting.
     fn pod() -> Value {
@@ -1348,7 +2221,10 @@ mod tests {
             assert_eq!(quantity.canonical(), canonical, "{written}");
         }
         assert!(parse_quantity("1Gi").unwrap().nanos > parse_quantity("1G").unwrap().nanos);
-        assert_eq!(parse_quantity("1e3").unwrap().nanos, parse_quantity("1k").unwrap().nanos);
+        assert_eq!(
+            parse_quantity("1e3").unwrap().nanos,
+            parse_quantity("1k").unwrap().nanos
+        );
         assert_eq!(parse_quantity("abc"), Err(QUANTITY_FORMAT_MESSAGE));
         assert_eq!(parse_quantity(""), Err(QUANTITY_FORMAT_MESSAGE));
         assert_eq!(parse_quantity("1.2.3"), Err(QUANTITY_FORMAT_MESSAGE));
@@ -1363,19 +2239,46 @@ mod tests {
 
     #[test]
     fn pod_needs_a_container_with_an_image() {
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["containers"] = json!([])), None);
-        assert_eq!((cause.reason, cause.field.as_str(), cause.message.as_str()), ("FieldValueRequired", "spec.containers", "Required value"));
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["containers"][0]["image"] = json!("")), None);
-        assert_eq!((cause.reason, cause.field.as_str(), cause.message.as_str()), ("FieldValueRequired", "spec.containers[0].image", "Required value"));
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"] = json!([])),
+            None,
+        );
+        assert_eq!(
+            (cause.reason, cause.field.as_str(), cause.message.as_str()),
+            ("FieldValueRequired", "spec.containers", "Required value")
+        );
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"][0]["image"] = json!("")),
+            None,
+        );
+        assert_eq!(
+            (cause.reason, cause.field.as_str(), cause.message.as_str()),
+            (
+                "FieldValueRequired",
+                "spec.containers[0].image",
+                "Required value"
+            )
+        );
     }
 
     #[test]
     fn container_names_are_labels_unique_across_init_containers() {
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["containers"][0]["name"] = json!("Web")), None);
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"][0]["name"] = json!("Web")),
+            None,
+        );
         assert_eq!(cause.field, "spec.containers[0].name");
-        assert!(cause.message.starts_with("Invalid value: \"Web\": a lowercase RFC 1123 label must consist of"));
+        assert!(
+            cause
+                .message
+                .starts_with("Invalid value: \"Web\": a lowercase RFC 1123 label must consist of")
+        );
         let pod = pod_with(|p| {
-            p["spec"]["initContainers"] = json!([{"name": "web", "image": "busybox", "imagePullPolicy": "IfNotPresent"}]);
+            p["spec"]["initContainers"] =
+                json!([{"name": "web", "image": "busybox", "imagePullPolicy": "IfNotPresent"}]);
         });
         let cause = only_cause("Pod", &pod, None);
         assert_eq!(cause.reason, "FieldValueDuplicate");
@@ -1402,14 +2305,22 @@ mod tests {
                 "spec.containers[0].ports[2].name: Invalid value: \"8080\": must contain at least one letter (a-z)",
             ]
         );
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(0)), None);
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(0)),
+            None,
+        );
         assert_eq!(cause.field, "spec.containers[0].ports[0].containerPort");
         assert_eq!(cause.reason, "FieldValueRequired");
     }
 
     #[test]
     fn env_var_names() {
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["containers"][0]["env"][0]["name"] = json!("1MODE")), None);
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"][0]["env"][0]["name"] = json!("1MODE")),
+            None,
+        );
         assert_eq!(cause.field, "spec.containers[0].env[0].name");
         assert_eq!(
             cause.message,
@@ -1421,8 +2332,14 @@ mod tests {
     fn volume_mounts_name_volumes() {
         let cause = only_cause("Pod", &pod_with(|p| p["spec"]["volumes"] = json!([])), None);
         assert_eq!(cause.reason, "FieldValueNotFound");
-        assert_eq!(format!("{}: {}", cause.field, cause.message), "spec.containers[0].volumeMounts[0].name: Not found: \"data\"");
-        let pod = pod_with(|p| p["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}, {"name": "data", "emptyDir": {}}]));
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.containers[0].volumeMounts[0].name: Not found: \"data\""
+        );
+        let pod = pod_with(|p| {
+            p["spec"]["volumes"] =
+                json!([{"name": "data", "emptyDir": {}}, {"name": "data", "emptyDir": {}}])
+        });
         let cause = only_cause("Pod", &pod, None);
         assert_eq!(cause.field, "spec.volumes[1].name");
         assert_eq!(cause.message, "Duplicate value: \"data\"");
@@ -1431,40 +2348,87 @@ mod tests {
             p["spec"]["volumes"][0]["name"] = json!("Data");
             p["spec"]["containers"][0]["volumeMounts"][0]["name"] = json!("Data");
         });
-        let fields: Vec<String> = validate("Pod", &pod, None).into_iter().map(|c| c.field).collect();
-        assert_eq!(fields, vec!["spec.volumes[0].name", "spec.containers[0].volumeMounts[0].name"]);
+        let fields: Vec<String> = validate("Pod", &pod, None)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.volumes[0].name",
+                "spec.containers[0].volumeMounts[0].name"
+            ]
+        );
     }
 
     #[test]
     fn pod_policies_take_supported_values() {
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["restartPolicy"] = json!("Sometimes")), None);
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["restartPolicy"] = json!("Sometimes")),
+            None,
+        );
         assert_eq!(cause.reason, "FieldValueNotSupported");
         assert_eq!(cause.field, "spec.restartPolicy");
-        assert_eq!(cause.message, "Unsupported value: \"Sometimes\": supported values: \"Always\", \"OnFailure\", \"Never\"");
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["dnsPolicy"] = json!("Cluster")), None);
+        assert_eq!(
+            cause.message,
+            "Unsupported value: \"Sometimes\": supported values: \"Always\", \"OnFailure\", \"Never\""
+        );
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["dnsPolicy"] = json!("Cluster")),
+            None,
+        );
         assert_eq!(cause.field, "spec.dnsPolicy");
-        let cause = only_cause("Pod", &pod_with(|p| p["spec"]["containers"][0]["imagePullPolicy"] = json!("Sometimes")), None);
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"][0]["imagePullPolicy"] = json!("Sometimes")),
+            None,
+        );
         assert_eq!(cause.field, "spec.containers[0].imagePullPolicy");
     }
 
     #[test]
     fn requests_may_not_exceed_limits() {
-        let pod = pod_with(|p| p["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "500m", "memory": "1Gi"}, "requests": {"cpu": "1", "memory": "1024Mi"}}));
+        let pod = pod_with(
+            |p| p["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "500m", "memory": "1Gi"}, "requests": {"cpu": "1", "memory": "1024Mi"}}),
+        );
         let cause = only_cause("Pod", &pod, None);
         assert_eq!(cause.reason, "FieldValueInvalid");
         assert_eq!(cause.field, "spec.containers[0].resources.requests");
-        assert_eq!(cause.message, "Invalid value: \"1\": must be less than or equal to cpu limit of 500m");
-        let pod = pod_with(|p| p["spec"]["containers"][0]["resources"] = json!({"limits": {"memory": "128Mi"}, "requests": {"memory": "1e9"}}));
-        assert_eq!(only_cause("Pod", &pod, None).message, "Invalid value: \"1e9\": must be less than or equal to memory limit of 128Mi");
-        let pod = pod_with(|p| p["spec"]["containers"][0]["resources"] = json!({"limits": {"example.com/gpu": "2"}, "requests": {"example.com/gpu": "1"}}));
-        assert_eq!(only_cause("Pod", &pod, None).message, "Invalid value: \"1\": must be equal to example.com/gpu limit of 2");
-        let pod = pod_with(|p| p["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": 2}, "requests": {"cpu": 0.5}}));
+        assert_eq!(
+            cause.message,
+            "Invalid value: \"1\": must be less than or equal to cpu limit of 500m"
+        );
+        let pod = pod_with(|p| {
+            p["spec"]["containers"][0]["resources"] =
+                json!({"limits": {"memory": "128Mi"}, "requests": {"memory": "1e9"}})
+        });
+        assert_eq!(
+            only_cause("Pod", &pod, None).message,
+            "Invalid value: \"1e9\": must be less than or equal to memory limit of 128Mi"
+        );
+        let pod = pod_with(|p| {
+            p["spec"]["containers"][0]["resources"] =
+                json!({"limits": {"example.com/gpu": "2"}, "requests": {"example.com/gpu": "1"}})
+        });
+        assert_eq!(
+            only_cause("Pod", &pod, None).message,
+            "Invalid value: \"1\": must be equal to example.com/gpu limit of 2"
+        );
+        let pod = pod_with(|p| {
+            p["spec"]["containers"][0]["resources"] =
+                json!({"limits": {"cpu": 2}, "requests": {"cpu": 0.5}})
+        });
         assert_valid("Pod", &pod, None);
     }
 
     #[test]
     fn quantities_must_parse_and_not_be_negative() {
-        let pod = pod_with(|p| p["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "lots"}, "requests": {"memory": "-1Mi"}}));
+        let pod = pod_with(|p| {
+            p["spec"]["containers"][0]["resources"] =
+                json!({"limits": {"cpu": "lots"}, "requests": {"memory": "-1Mi"}})
+        });
         assert_eq!(
             shown(&validate("Pod", &pod, None)),
             vec![
@@ -1474,7 +2438,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn pod_update_may_change_images_deadline_and_add_tolerations() {
         let old = pod();
@@ -1482,7 +2445,10 @@ mod tests {
             p["spec"]["containers"][0]["image"] = json!("nginx:1.28");
             p["spec"]["activeDeadlineSeconds"] = json!(600);
             p["spec"]["tolerations"][0]["tolerationSeconds"] = json!(60);
-            p["spec"]["tolerations"].as_array_mut().unwrap().push(json!({"key": "gpu", "operator": "Exists"}));
+            p["spec"]["tolerations"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"key": "gpu", "operator": "Exists"}));
             p["metadata"]["labels"]["tier"] = json!("front");
         });
         assert_valid("Pod", &new, Some(&old));
@@ -1491,7 +2457,8 @@ mod tests {
     #[test]
     fn pod_update_may_not_change_other_spec_fields() {
         let old = pod();
-        let new = pod_with(|p| p["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(8080));
+        let new =
+            pod_with(|p| p["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(8080));
         let cause = only_cause("Pod", &new, Some(&old));
         assert_eq!(cause.reason, "FieldValueForbidden");
         assert_eq!(cause.field, "spec");
@@ -1510,23 +2477,37 @@ mod tests {
             p["spec"]["containers"][1]["name"] = json!("sidecar");
         });
         let cause = only_cause("Pod", &new, Some(&old));
-        assert_eq!((cause.field.as_str(), cause.message.as_str()), ("spec.containers", "Forbidden: pod updates may not add or remove containers"));
+        assert_eq!(
+            (cause.field.as_str(), cause.message.as_str()),
+            (
+                "spec.containers",
+                "Forbidden: pod updates may not add or remove containers"
+            )
+        );
 
         let old = pod_with(|p| p["spec"]["activeDeadlineSeconds"] = json!(60));
         let new = pod_with(|p| p["spec"]["activeDeadlineSeconds"] = json!(120));
         let cause = only_cause("Pod", &new, Some(&old));
-        assert_eq!(cause.message, "Invalid value: 120: must be less than or equal to previous value");
+        assert_eq!(
+            cause.message,
+            "Invalid value: 120: must be less than or equal to previous value"
+        );
         let cause = only_cause("Pod", &pod(), Some(&old));
-        assert_eq!(cause.message, "Invalid value: null: must not update from a positive integer to nil value");
+        assert_eq!(
+            cause.message,
+            "Invalid value: null: must not update from a positive integer to nil value"
+        );
 
         let new = pod_with(|p| {
             p["spec"]["tolerations"].as_array_mut().unwrap().pop();
         });
         let cause = only_cause("Pod", &new, Some(&pod()));
         assert_eq!(cause.field, "spec.tolerations");
-        assert_eq!(cause.message, "Forbidden: existing toleration can not be modified except its tolerationSeconds");
+        assert_eq!(
+            cause.message,
+            "Forbidden: existing toleration can not be modified except its tolerationSeconds"
+        );
     }
-
 
     /// A ClusterIP Service as stored after defaulting and address allocation.
     fn service() -> Value {
@@ -1581,8 +2562,15 @@ mod tests {
 
     #[test]
     fn service_ports() {
-        let cause = only_cause("Service", &service_with(|s| s["spec"]["ports"] = json!([])), None);
-        assert_eq!((cause.reason, cause.field.as_str()), ("FieldValueRequired", "spec.ports"));
+        let cause = only_cause(
+            "Service",
+            &service_with(|s| s["spec"]["ports"] = json!([])),
+            None,
+        );
+        assert_eq!(
+            (cause.reason, cause.field.as_str()),
+            ("FieldValueRequired", "spec.ports")
+        );
         let service = service_with(|s| {
             s["spec"]["ports"][0]["port"] = json!(0);
             s["spec"]["ports"][0]["targetPort"] = json!(70000);
@@ -1603,27 +2591,57 @@ mod tests {
         );
         let service = service_with(|s| s["spec"]["ports"][1]["name"] = json!("http"));
         let cause = only_cause("Service", &service, None);
-        assert_eq!((cause.reason, cause.field.as_str(), cause.message.as_str()), ("FieldValueDuplicate", "spec.ports[1].name", "Duplicate value: \"http\""));
+        assert_eq!(
+            (cause.reason, cause.field.as_str(), cause.message.as_str()),
+            (
+                "FieldValueDuplicate",
+                "spec.ports[1].name",
+                "Duplicate value: \"http\""
+            )
+        );
         let service = service_with(|s| s["spec"]["ports"][1]["port"] = json!(80));
         let cause = only_cause("Service", &service, None);
         assert_eq!(cause.field, "spec.ports[1]");
-        assert!(cause.message.starts_with("Duplicate value: core.ServicePort{Name:\"\", Protocol:\"TCP\""));
+        assert!(
+            cause
+                .message
+                .starts_with("Duplicate value: core.ServicePort{Name:\"\", Protocol:\"TCP\"")
+        );
     }
 
     #[test]
     fn service_type_and_node_ports() {
-        let cause = only_cause("Service", &service_with(|s| s["spec"]["type"] = json!("Internal")), None);
+        let cause = only_cause(
+            "Service",
+            &service_with(|s| s["spec"]["type"] = json!("Internal")),
+            None,
+        );
         assert_eq!(cause.field, "spec.type");
-        assert_eq!(cause.message, "Unsupported value: \"Internal\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"");
-        let cause = only_cause("Service", &service_with(|s| s["spec"]["ports"][0]["nodePort"] = json!(30080)), None);
+        assert_eq!(
+            cause.message,
+            "Unsupported value: \"Internal\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""
+        );
+        let cause = only_cause(
+            "Service",
+            &service_with(|s| s["spec"]["ports"][0]["nodePort"] = json!(30080)),
+            None,
+        );
         assert_eq!(cause.reason, "FieldValueForbidden");
         assert_eq!(
             format!("{}: {}", cause.field, cause.message),
             "spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'"
         );
-        let cause = only_cause("Service", &service_with(|s| s["spec"]["selector"] = json!({"app": "web!"})), None);
+        let cause = only_cause(
+            "Service",
+            &service_with(|s| s["spec"]["selector"] = json!({"app": "web!"})),
+            None,
+        );
         assert_eq!(cause.field, "spec.selector");
-        let cause = only_cause("Service", &service_with(|s| s["spec"]["sessionAffinity"] = json!("Cookie")), None);
+        let cause = only_cause(
+            "Service",
+            &service_with(|s| s["spec"]["sessionAffinity"] = json!("Cookie")),
+            None,
+        );
         assert_eq!(cause.field, "spec.sessionAffinity");
     }
 
@@ -1633,7 +2651,10 @@ mod tests {
             "metadata": {"name": "db"},
             "spec": {"type": "ExternalName", "externalName": "Bad_Name", "sessionAffinity": "None", "clusterIPs": ["10.96.0.1"]},
         });
-        let fields: Vec<String> = validate("Service", &external, None).into_iter().map(|c| c.field).collect();
+        let fields: Vec<String> = validate("Service", &external, None)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
         assert_eq!(fields, vec!["spec.clusterIPs", "spec.externalName"]);
     }
 
@@ -1662,5 +2683,351 @@ mod tests {
             "spec": {"type": "ExternalName", "externalName": "web.example.com", "sessionAffinity": "None"},
         });
         assert_valid("Service", &external, Some(&old));
+    }
+
+    /// The defaulted pod template every workload test uses.
+    fn pod_template() -> Value {
+        let pod = pod();
+        let mut spec = pod["spec"].clone();
+        let spec_map = spec.as_object_mut().unwrap();
+        // Pod-only defaults are not set on templates.
+        for pod_only in [
+            "enableServiceLinks",
+            "priority",
+            "preemptionPolicy",
+            "tolerations",
+        ] {
+            spec_map.remove(pod_only);
+        }
+        json!({"metadata": {"labels": {"app": "web"}}, "spec": spec})
+    }
+
+    fn workload(kind: &str) -> Value {
+        let mut spec = json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": pod_template(),
+            "revisionHistoryLimit": 10,
+        });
+        match kind {
+            "Deployment" => {
+                spec["replicas"] = json!(3);
+                spec["progressDeadlineSeconds"] = json!(600);
+                spec["strategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}});
+            }
+            "ReplicaSet" => spec["replicas"] = json!(1),
+            _ => {
+                spec["updateStrategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+            }
+        }
+        json!({"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": "web", "namespace": "default"}, "spec": spec})
+    }
+
+    fn workload_with(kind: &str, change: impl FnOnce(&mut Value)) -> Value {
+        let mut object = workload(kind);
+        change(&mut object);
+        object
+    }
+
+    const WORKLOADS: [&str; 3] = ["Deployment", "ReplicaSet", "DaemonSet"];
+
+    #[test]
+    fn defaulted_workloads_are_valid() {
+        for kind in WORKLOADS {
+            assert_valid(kind, &workload(kind), None);
+            assert_valid(kind, &workload(kind), Some(&workload(kind)));
+        }
+        let recreate = workload_with("Deployment", |d| {
+            d["spec"]["strategy"] = json!({"type": "Recreate"})
+        });
+        assert_valid("Deployment", &recreate, None);
+        let on_delete = workload_with("DaemonSet", |d| {
+            d["spec"]["updateStrategy"] = json!({"type": "OnDelete"})
+        });
+        assert_valid("DaemonSet", &on_delete, None);
+        let expressions = workload_with("ReplicaSet", |r| {
+            r["spec"]["selector"] = json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "api"]}, {"key": "canary", "operator": "DoesNotExist"}]});
+        });
+        assert_valid("ReplicaSet", &expressions, None);
+    }
+
+    #[test]
+    fn workload_selector_is_required_and_must_match_the_template() {
+        for kind in WORKLOADS {
+            let object = workload_with(kind, |w| {
+                w["spec"].as_object_mut().unwrap().remove("selector");
+            });
+            assert_eq!(
+                shown(&validate(kind, &object, None)),
+                vec![
+                    "spec.selector: Required value",
+                    "spec.template.metadata.labels: Invalid value: map[string]string{\"app\":\"web\"}: `selector` does not match template `labels`",
+                ],
+                "{kind}"
+            );
+            let object = workload_with(kind, |w| {
+                w["spec"]["template"]["metadata"]["labels"] = json!({"app": "x"})
+            });
+            let cause = only_cause(kind, &object, None);
+            assert_eq!(cause.reason, "FieldValueInvalid");
+            assert_eq!(
+                format!("{}: {}", cause.field, cause.message),
+                "spec.template.metadata.labels: Invalid value: map[string]string{\"app\":\"x\"}: `selector` does not match template `labels`"
+            );
+        }
+        let cause = only_cause(
+            "ReplicaSet",
+            &workload_with("ReplicaSet", |r| r["spec"]["selector"] = json!({})),
+            None,
+        );
+        assert_eq!(
+            cause.message,
+            "Invalid value: v1.LabelSelector{MatchLabels:map[string]string(nil), MatchExpressions:[]v1.LabelSelectorRequirement(nil)}: empty selector is invalid for deployment"
+        );
+        let object = workload_with("Deployment", |d| {
+            d["spec"]["selector"] =
+                json!({"matchExpressions": [{"key": "app", "operator": "Near"}]})
+        });
+        assert_eq!(
+            shown(&validate("Deployment", &object, None)),
+            vec![
+                "spec.selector.matchExpressions[0].operator: Invalid value: \"Near\": not a valid selector operator",
+                "spec.selector: Invalid value: v1.LabelSelector{MatchLabels:map[string]string(nil), MatchExpressions:[]v1.LabelSelectorRequirement{v1.LabelSelectorRequirement{Key:\"app\", Operator:\"Near\", Values:[]string(nil)}}}: invalid label selector",
+            ]
+        );
+    }
+
+    #[test]
+    fn workload_selector_is_immutable() {
+        for kind in WORKLOADS {
+            let new = workload_with(kind, |w| {
+                w["spec"]["selector"] = json!({"matchLabels": {"app": "web", "tier": "front"}});
+                w["spec"]["template"]["metadata"]["labels"]["tier"] = json!("front");
+            });
+            let cause = only_cause(kind, &new, Some(&workload(kind)));
+            assert_eq!(
+                format!("{}: {}", cause.field, cause.message),
+                "spec.selector: Invalid value: v1.LabelSelector{MatchLabels:map[string]string{\"app\":\"web\", \"tier\":\"front\"}, MatchExpressions:[]v1.LabelSelectorRequirement(nil)}: field is immutable",
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn workload_replicas_template_and_strategy() {
+        let cause = only_cause(
+            "Deployment",
+            &workload_with("Deployment", |d| d["spec"]["replicas"] = json!(-1)),
+            None,
+        );
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.replicas: Invalid value: -1: must be greater than or equal to 0"
+        );
+        let cause = only_cause(
+            "ReplicaSet",
+            &workload_with("ReplicaSet", |r| {
+                r["spec"]["template"]["spec"]["containers"][0]["name"] = json!("")
+            }),
+            None,
+        );
+        assert_eq!(
+            (cause.field.as_str(), cause.message.as_str()),
+            ("spec.template.spec.containers[0].name", "Required value")
+        );
+        let cause = only_cause(
+            "DaemonSet",
+            &workload_with("DaemonSet", |d| {
+                d["spec"]["template"]["spec"]["restartPolicy"] = json!("Never")
+            }),
+            None,
+        );
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.template.spec.restartPolicy: Unsupported value: \"Never\": supported values: \"Always\""
+        );
+        let cause = only_cause(
+            "Deployment",
+            &workload_with("Deployment", |d| {
+                d["spec"]["strategy"] = json!({"type": "BlueGreen"})
+            }),
+            None,
+        );
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.strategy: Unsupported value: apps.DeploymentStrategy{Type:\"BlueGreen\", RollingUpdate:(*apps.RollingUpdateDeployment)(nil)}: supported values: \"Recreate\", \"RollingUpdate\""
+        );
+        let cause = only_cause(
+            "DaemonSet",
+            &workload_with("DaemonSet", |d| {
+                d["spec"]["updateStrategy"] = json!({"type": "Recreate"})
+            }),
+            None,
+        );
+        assert_eq!(cause.field, "spec.updateStrategy");
+        assert!(
+            cause
+                .message
+                .ends_with("supported values: \"RollingUpdate\", \"OnDelete\"")
+        );
+        let object = workload_with("Deployment", |d| {
+            d["spec"]["strategy"]["rollingUpdate"] = json!({"maxUnavailable": 0, "maxSurge": "0%"})
+        });
+        let cause = only_cause("Deployment", &object, None);
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.strategy.rollingUpdate.maxUnavailable: Invalid value: intstr.IntOrString{Type:0, IntVal:0, StrVal:\"\"}: may not be 0 when `maxSurge` is 0"
+        );
+        let object = workload_with("DaemonSet", |d| {
+            d["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] = json!("10%")
+        });
+        assert_eq!(
+            only_cause("DaemonSet", &object, None).field,
+            "spec.updateStrategy.rollingUpdate.maxSurge"
+        );
+        let object = workload_with("Deployment", |d| {
+            d["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = json!("half")
+        });
+        assert_eq!(
+            only_cause("Deployment", &object, None).field,
+            "spec.strategy.rollingUpdate.maxSurge"
+        );
+        let object = workload_with("Deployment", |d| {
+            d["spec"]["strategy"] = json!({"type": "Recreate", "rollingUpdate": {}})
+        });
+        assert_eq!(
+            only_cause("Deployment", &object, None).reason,
+            "FieldValueForbidden"
+        );
+    }
+
+    #[test]
+    fn config_maps() {
+        let config_map = json!({"metadata": {"name": "app", "namespace": "default"}, "data": {"app.properties": "a=1", "MODE": "prod"}, "binaryData": {"logo.png": "iVBORw0KGgo="}});
+        assert_valid("ConfigMap", &config_map, None);
+        let bad = json!({"metadata": {"name": "app"}, "data": {"..": "y", "a/b": "x", "k": ""}, "binaryData": {"k": ""}});
+        assert_eq!(
+            shown(&validate("ConfigMap", &bad, None)),
+            vec![
+                "data[..]: Invalid value: \"..\": must not be '..'",
+                "data[a/b]: Invalid value: \"a/b\": a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name' or 'KEY_NAME' or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')",
+                "data[k]: Invalid value: \"k\": duplicate of key present in binaryData",
+                "binaryData[k]: Invalid value: \"k\": duplicate of key present in data",
+            ]
+        );
+        let big = json!({"metadata": {"name": "app"}, "data": {"a": "x".repeat(MAX_DATA_SIZE_BYTES), "b": "y"}});
+        let cause = only_cause("ConfigMap", &big, None);
+        assert_eq!(
+            (cause.reason, cause.field.as_str(), cause.message.as_str()),
+            (
+                "FieldValueTooLong",
+                "[]",
+                "Too long: must have at most 1048576 bytes"
+            )
+        );
+    }
+
+    #[test]
+    fn immutable_config_maps_keep_their_data() {
+        let old = json!({"metadata": {"name": "app"}, "data": {"a": "1"}, "immutable": true});
+        assert_valid("ConfigMap", &old, Some(&old));
+        let new = json!({"metadata": {"name": "app"}, "data": {"a": "2"}});
+        assert_eq!(
+            shown(&validate("ConfigMap", &new, Some(&old))),
+            vec![
+                "immutable: Forbidden: field is immutable when `immutable` is set",
+                "data: Forbidden: field is immutable when `immutable` is set",
+            ]
+        );
+    }
+
+    #[test]
+    fn secrets() {
+        let secret = json!({"metadata": {"name": "creds", "namespace": "default"}, "type": "Opaque", "data": {"password": "c2VjcmV0"}});
+        assert_valid("Secret", &secret, None);
+        let tls = json!({"metadata": {"name": "cert"}, "type": "kubernetes.io/tls", "data": {"tls.crt": "Y2VydA=="}});
+        let cause = only_cause("Secret", &tls, None);
+        assert_eq!(
+            (cause.reason, cause.field.as_str(), cause.message.as_str()),
+            ("FieldValueRequired", "data[tls.key]", "Required value")
+        );
+        let basic = json!({"metadata": {"name": "b"}, "type": "kubernetes.io/basic-auth", "data": {"password": ""}});
+        assert_valid("Secret", &basic, None);
+        let cause = only_cause(
+            "Secret",
+            &json!({"metadata": {"name": "b"}, "type": "Opaque", "data": {"a b": ""}}),
+            None,
+        );
+        assert_eq!(cause.field, "data[a b]");
+        let changed = json!({"metadata": {"name": "creds"}, "type": "kubernetes.io/basic-auth", "data": {"password": "c2VjcmV0"}});
+        let cause = only_cause("Secret", &changed, Some(&secret));
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "type: Invalid value: \"kubernetes.io/basic-auth\": field is immutable"
+        );
+        let token =
+            json!({"metadata": {"name": "t"}, "type": "kubernetes.io/service-account-token"});
+        assert_eq!(
+            only_cause("Secret", &token, None).field,
+            "metadata.annotations[kubernetes.io/service-account.name]"
+        );
+    }
+
+    #[test]
+    fn leases() {
+        let lease = json!({"metadata": {"name": "node-1", "namespace": "kube-node-lease"}, "spec": {"holderIdentity": "node-1", "leaseDurationSeconds": 40}});
+        assert_valid("Lease", &lease, None);
+        let lease = json!({"metadata": {"name": "node-1"}, "spec": {"leaseDurationSeconds": 0}});
+        let cause = only_cause("Lease", &lease, None);
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.leaseDurationSeconds: Invalid value: 0: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn endpoint_slices() {
+        let slice = json!({"metadata": {"name": "web-abc12", "namespace": "default"}, "addressType": "IPv4", "endpoints": [], "ports": [{"name": "", "port": 80, "protocol": "TCP"}]});
+        assert_valid("EndpointSlice", &slice, None);
+        let cause = only_cause("EndpointSlice", &json!({"metadata": {"name": "s"}}), None);
+        assert_eq!(
+            (cause.reason, cause.field.as_str()),
+            ("FieldValueRequired", "addressType")
+        );
+        let cause = only_cause(
+            "EndpointSlice",
+            &json!({"metadata": {"name": "s"}, "addressType": "IPv5"}),
+            None,
+        );
+        assert_eq!(
+            cause.message,
+            "Unsupported value: \"IPv5\": supported values: \"FQDN\", \"IPv4\", \"IPv6\""
+        );
+        let changed = json!({"metadata": {"name": "web-abc12"}, "addressType": "IPv6"});
+        let cause = only_cause("EndpointSlice", &changed, Some(&slice));
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "addressType: Invalid value: \"IPv6\": field is immutable"
+        );
+    }
+
+    #[test]
+    fn metadata_only_kinds() {
+        let namespace = json!({"metadata": {"name": "team-a", "labels": {"kubernetes.io/metadata.name": "team-a"}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+        assert_valid("Namespace", &namespace, None);
+        assert_valid("Namespace", &namespace, Some(&namespace));
+        let endpoints = json!({"metadata": {"name": "web", "namespace": "default"}, "subsets": [{"addresses": [{"ip": "10.0.0.5"}], "ports": [{"port": 80, "protocol": "TCP"}]}]});
+        assert_valid("Endpoints", &endpoints, None);
+        let node = json!({"metadata": {"name": "node-1.example.com"}, "status": {"capacity": {"cpu": "4"}, "allocatable": {"cpu": "4"}}});
+        assert_valid("Node", &node, None);
+        let event = json!({"metadata": {"name": "web.17a2b3c4d5e6f", "namespace": "default"}, "involvedObject": {"kind": "Pod", "name": "web"}, "reason": "Started"});
+        assert_valid("Event", &event, None);
+        let account = json!({"metadata": {"name": "builder", "namespace": "default"}});
+        assert_valid("ServiceAccount", &account, None);
+        let cause = only_cause(
+            "ServiceAccount",
+            &json!({"metadata": {"name": "Builder"}}),
+            None,
+        );
+        assert_eq!(cause.field, "metadata.name");
     }
 }

@@ -1,0 +1,520 @@
+//! The scheduler: binds unscheduled pods to nodes that fit them.
+//!
+//! One task owns all scheduling state. It reads two watches (all nodes, all pods) into the
+//! [`cache::Cache`], keeps the pods waiting for a node in queues, decides for each with a
+//! [`select::Selector`], counts the pod on its node at once (assume-on-bind), and sends the
+//! `pods/binding` request from a separate task, up to [`MAX_BINDS_IN_FLIGHT`] at a time,
+//! so a slow answer never holds up the next decision. No decision lists anything from the
+//! API server.
+//!
+//! A pod that fits nowhere gets `PodScheduled=False` and a `FailedScheduling` event with
+//! upstream's message, and waits until a node or pod changes in a way that may make room;
+//! then it is retried after its backoff (1 s doubling to 10 s per attempt), as upstream's
+//! scheduling queue does.
+
+pub mod cache;
+pub mod filters;
+pub mod quantity;
+pub mod scores;
+pub mod select;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, watcher};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use cache::{Cache, Change, NodeInfo, PodInfo, PodKey};
+use select::{Decision, Selector};
+
+/// Binding requests sent and not yet answered, at most.
+pub const MAX_BINDS_IN_FLIGHT: usize = 256;
+/// Decisions made between two looks at the watches, at most.
+const DECISIONS_PER_TURN: usize = 64;
+/// Status patches and events for unschedulable pods in flight, at most.
+const MAX_REPORTS_IN_FLIGHT: usize = 16;
+const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs the scheduler against the API server behind `client` until a watch ends.
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    let mut node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut pod_events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let (done_sender, mut done_receiver) = mpsc::unbounded_channel();
+    let mut scheduler = Scheduler::new(client, done_sender);
+    tracing::info!("scheduler started");
+    loop {
+        let backoff_deadline = scheduler.next_backoff_deadline();
+        tokio::select! {
+            event = node_events.next() => match event {
+                Some(Ok(event)) => scheduler.on_node_event(event),
+                Some(Err(error)) => tracing::warn!(%error, "node watch failed; retrying"),
+                None => anyhow::bail!("the node watch ended"),
+            },
+            event = pod_events.next() => match event {
+                Some(Ok(event)) => scheduler.on_pod_event(event),
+                Some(Err(error)) => tracing::warn!(%error, "pod watch failed; retrying"),
+                None => anyhow::bail!("the pod watch ended"),
+            },
+            Some(done) = done_receiver.recv() => scheduler.on_bind_done(done),
+            () = tokio::time::sleep_until(backoff_deadline.unwrap_or_else(Instant::now)),
+                if backoff_deadline.is_some() => scheduler.flush_backoff(),
+            () = std::future::ready(()), if scheduler.can_schedule() => scheduler.schedule_some(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// In the active queue, to be decided.
+    Active,
+    /// Failed or unschedulable; in the backoff heap until its backoff is over.
+    Backoff,
+    /// Fits nowhere; waits for a change in the cluster.
+    Unschedulable,
+    /// Assumed on a node; its binding request is in flight.
+    Binding,
+}
+
+/// A pod this scheduler has to place.
+struct PendingPod {
+    info: PodInfo,
+    waiting: Waiting,
+    attempts: u32,
+    last_attempt: Option<Instant>,
+    /// The unschedulable message last written to the pod, so retries that fail the same
+    /// way do not write it again.
+    reported: Option<String>,
+}
+
+/// The answer to one binding request.
+struct BindDone {
+    key: PodKey,
+    uid: String,
+    node: String,
+    result: Result<(), kube::Error>,
+}
+
+struct Scheduler {
+    client: kube::Client,
+    cache: Cache,
+    selector: Selector,
+    pending: HashMap<PodKey, PendingPod>,
+    active: VecDeque<PodKey>,
+    backoff: BinaryHeap<Reverse<(Instant, PodKey)>>,
+    unschedulable: HashSet<PodKey>,
+    binds_in_flight: usize,
+    done_sender: mpsc::UnboundedSender<BindDone>,
+    reports: Arc<Semaphore>,
+    /// Keys seen since a watch (re)started its initial list, to drop what vanished.
+    relisted_pods: Option<HashSet<PodKey>>,
+    relisted_nodes: Option<HashSet<String>>,
+    pods_synced: bool,
+    nodes_synced: bool,
+}
+
+impl Scheduler {
+    fn new(client: kube::Client, done_sender: mpsc::UnboundedSender<BindDone>) -> Self {
+        Self {
+            client,
+            cache: Cache::default(),
+            selector: Selector::new(rand::random()),
+            pending: HashMap::new(),
+            active: VecDeque::new(),
+            backoff: BinaryHeap::new(),
+            unschedulable: HashSet::new(),
+            binds_in_flight: 0,
+            done_sender,
+            reports: Arc::new(Semaphore::new(MAX_REPORTS_IN_FLIGHT)),
+            relisted_pods: None,
+            relisted_nodes: None,
+            pods_synced: false,
+            nodes_synced: false,
+        }
+    }
+
+    /// Decisions wait for both initial lists, so no pod is judged against a partial cluster.
+    fn can_schedule(&self) -> bool {
+        self.pods_synced
+            && self.nodes_synced
+            && !self.active.is_empty()
+            && self.binds_in_flight < MAX_BINDS_IN_FLIGHT
+    }
+
+    fn next_backoff_deadline(&self) -> Option<Instant> {
+        self.backoff.peek().map(|Reverse((when, _))| *when)
+    }
+
+    fn on_node_event(&mut self, event: watcher::Event<Node>) {
+        match event {
+            watcher::Event::Init => self.relisted_nodes = Some(HashSet::new()),
+            watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
+                let info = NodeInfo::from_node(&node);
+                if let Some(seen) = &mut self.relisted_nodes {
+                    seen.insert(info.name.clone());
+                }
+                if self.cache.apply_node(info) == Change::MayHelp {
+                    self.retry_unschedulable();
+                }
+            }
+            watcher::Event::Delete(node) => {
+                self.cache
+                    .remove_node(node.metadata.name.as_deref().unwrap_or_default());
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relisted_nodes.take() {
+                    self.cache.retain_nodes(&seen);
+                }
+                self.nodes_synced = true;
+                tracing::info!(nodes = self.cache.node_count(), "scheduler: nodes listed");
+            }
+        }
+    }
+
+    fn on_pod_event(&mut self, event: watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Init => self.relisted_pods = Some(HashSet::new()),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                let info = PodInfo::from_pod(&pod);
+                if let Some(seen) = &mut self.relisted_pods {
+                    seen.insert(info.key());
+                }
+                self.on_pod(info);
+            }
+            watcher::Event::Delete(pod) => {
+                let info = PodInfo::from_pod(&pod);
+                let key = info.key();
+                if self
+                    .pending
+                    .get(&key)
+                    .is_some_and(|p| p.info.uid == info.uid)
+                {
+                    self.pending.remove(&key);
+                    self.unschedulable.remove(&key);
+                }
+                if self.cache.holds(&key, &info.uid)
+                    && self.cache.remove_pod(&key) == Change::MayHelp
+                {
+                    self.retry_unschedulable();
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relisted_pods.take() {
+                    self.cache.retain_pods(&seen);
+                    self.pending.retain(|key, pending| {
+                        pending.waiting == Waiting::Binding || seen.contains(key)
+                    });
+                }
+                self.pods_synced = true;
+            }
+        }
+    }
+
+    fn on_pod(&mut self, info: PodInfo) {
+        let key = info.key();
+        let change = self.cache.apply_pod(&info);
+        if info.wants_scheduling() {
+            // A binding in flight: the watch has not caught up with it yet.
+            if self.cache.holds(&key, &info.uid) {
+                return;
+            }
+            match self.pending.get_mut(&key) {
+                Some(pending) if pending.info.uid == info.uid => {
+                    if pending.info != info {
+                        // The spec changed (a toleration added, say): worth a new try now.
+                        pending.info = info;
+                        if pending.waiting == Waiting::Unschedulable {
+                            self.unschedulable.remove(&key);
+                            pending.waiting = Waiting::Active;
+                            self.active.push_back(key);
+                        }
+                    }
+                }
+                _ => {
+                    self.unschedulable.remove(&key);
+                    self.pending.insert(
+                        key.clone(),
+                        PendingPod {
+                            info,
+                            waiting: Waiting::Active,
+                            attempts: 0,
+                            last_attempt: None,
+                            reported: None,
+                        },
+                    );
+                    self.active.push_back(key);
+                }
+            }
+        } else if self
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.info.uid == info.uid)
+        {
+            // Bound (by us or anyone), deleted, finished or handed to another scheduler.
+            self.pending.remove(&key);
+            self.unschedulable.remove(&key);
+        }
+        if change == Change::MayHelp {
+            self.retry_unschedulable();
+        }
+    }
+
+    /// Something changed that may make room: unschedulable pods go back to the queue once
+    /// their backoff is over.
+    fn retry_unschedulable(&mut self) {
+        if self.unschedulable.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for key in std::mem::take(&mut self.unschedulable) {
+            let Some(pending) = self.pending.get_mut(&key) else {
+                continue;
+            };
+            if pending.waiting != Waiting::Unschedulable {
+                continue;
+            }
+            let due = pending
+                .last_attempt
+                .map_or(now, |last| last + backoff_for(pending.attempts));
+            if due <= now {
+                pending.waiting = Waiting::Active;
+                self.active.push_back(key);
+            } else {
+                pending.waiting = Waiting::Backoff;
+                self.backoff.push(Reverse((due, key)));
+            }
+        }
+    }
+
+    fn flush_backoff(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((due, _))) = self.backoff.peek() {
+            if *due > now {
+                break;
+            }
+            let Some(Reverse((_, key))) = self.backoff.pop() else {
+                break;
+            };
+            if let Some(pending) = self.pending.get_mut(&key)
+                && pending.waiting == Waiting::Backoff
+            {
+                pending.waiting = Waiting::Active;
+                self.active.push_back(key);
+            }
+        }
+    }
+
+    /// Decides for up to [`DECISIONS_PER_TURN`] queued pods.
+    fn schedule_some(&mut self) {
+        let mut decided = 0;
+        while decided < DECISIONS_PER_TURN && self.binds_in_flight < MAX_BINDS_IN_FLIGHT {
+            let Some(key) = self.active.pop_front() else {
+                break;
+            };
+            let Some(pending) = self.pending.get_mut(&key) else {
+                continue;
+            };
+            if pending.waiting != Waiting::Active {
+                continue;
+            }
+            decided += 1;
+            pending.attempts += 1;
+            pending.last_attempt = Some(Instant::now());
+            match self.selector.decide(&self.cache, &pending.info) {
+                Decision::Node(node_idx) => {
+                    let node = self.cache.nodes()[node_idx].name.clone();
+                    self.cache.assume(&pending.info, &node);
+                    pending.waiting = Waiting::Binding;
+                    self.binds_in_flight += 1;
+                    tokio::spawn(bind(
+                        self.client.clone(),
+                        key,
+                        pending.info.uid.clone(),
+                        node,
+                        self.done_sender.clone(),
+                    ));
+                }
+                Decision::Unschedulable(message) => {
+                    pending.waiting = Waiting::Unschedulable;
+                    tracing::debug!(pod = %key, %message, "unschedulable");
+                    if pending.reported.as_ref() != Some(&message) {
+                        pending.reported = Some(message.clone());
+                        tokio::spawn(report_unschedulable(
+                            self.client.clone(),
+                            self.reports.clone(),
+                            pending.info.clone(),
+                            message,
+                        ));
+                    }
+                    self.unschedulable.insert(key);
+                }
+            }
+        }
+    }
+
+    fn on_bind_done(&mut self, done: BindDone) {
+        self.binds_in_flight -= 1;
+        let ours = self
+            .pending
+            .get(&done.key)
+            .is_some_and(|p| p.info.uid == done.uid && p.waiting == Waiting::Binding);
+        let error = match done.result {
+            Ok(()) => {
+                if ours {
+                    self.pending.remove(&done.key);
+                }
+                return;
+            }
+            Err(error) => error,
+        };
+        self.cache.forget(&done.key, &done.uid);
+        // "already assigned" or "being deleted": the watch brings the pod's real state.
+        let settled = matches!(&error, kube::Error::Api(status)
+            if status.code == 404
+                || (status.code == 409
+                    && (status.message.contains("already assigned")
+                        || status.message.contains("being deleted"))));
+        if settled {
+            tracing::debug!(pod = %done.key, node = %done.node, %error, "binding refused");
+            if ours {
+                self.pending.remove(&done.key);
+            }
+            return;
+        }
+        tracing::warn!(pod = %done.key, node = %done.node, %error, "binding failed; retrying");
+        if let Some(pending) = self.pending.get_mut(&done.key)
+            && ours
+        {
+            pending.waiting = Waiting::Backoff;
+            let due = Instant::now() + backoff_for(pending.attempts);
+            self.backoff.push(Reverse((due, done.key)));
+        }
+    }
+}
+
+/// Upstream's per-pod backoff: 1 s, doubling per attempt, at most 10 s.
+fn backoff_for(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    (INITIAL_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF)
+}
+
+async fn bind(
+    client: kube::Client,
+    key: PodKey,
+    uid: String,
+    node: String,
+    done: mpsc::UnboundedSender<BindDone>,
+) {
+    let (namespace, name) = key.split_once('/').unwrap_or(("", &key));
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    let binding = json!({
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    let result = pods
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            name,
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+        .map(drop);
+    let _ = done.send(BindDone {
+        key,
+        uid,
+        node,
+        result,
+    });
+}
+
+/// Writes `PodScheduled=False` with `message` to the pod and records a `FailedScheduling`
+/// event, as upstream's scheduler does for a pod that fits nowhere.
+async fn report_unschedulable(
+    client: kube::Client,
+    reports: Arc<Semaphore>,
+    pod: PodInfo,
+    message: String,
+) {
+    let Ok(_permit) = reports.acquire_owned().await else {
+        return;
+    };
+    let now = jiff::Timestamp::now();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let patch = json!({"status": {"conditions": [{
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": message,
+        "lastProbeTime": null,
+        "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    }]}});
+    if let Err(error) = pods
+        .patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+    {
+        tracing::warn!(pod = %pod.key(), %error, "write PodScheduled=False");
+    }
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{:x}", pod.name, now.as_nanosecond())),
+            namespace: Some(pod.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..ObjectReference::default()
+        },
+        reason: Some("FailedScheduling".into()),
+        message: Some(message),
+        type_: Some("Warning".into()),
+        action: Some("Scheduling".into()),
+        source: Some(EventSource {
+            component: Some(cache::DEFAULT_SCHEDULER.into()),
+            host: None,
+        }),
+        reporting_component: Some(cache::DEFAULT_SCHEDULER.into()),
+        reporting_instance: Some(cache::DEFAULT_SCHEDULER.into()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        count: Some(1),
+        ..Event::default()
+    };
+    let events: Api<Event> = Api::namespaced(client, &pod.namespace);
+    if let Err(error) = events.create(&PostParams::default(), &event).await {
+        tracing::warn!(pod = %pod.key(), %error, "record FailedScheduling event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_ten_seconds() {
+        assert_eq!(backoff_for(1), Duration::from_secs(1));
+        assert_eq!(backoff_for(2), Duration::from_secs(2));
+        assert_eq!(backoff_for(4), Duration::from_secs(8));
+        assert_eq!(backoff_for(5), Duration::from_secs(10));
+        assert_eq!(backoff_for(100), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,556 @@
+//! `cargo xtask bench sched`: a release `skiff-control serve` (scheduler in-process) with
+//! hollow nodes from `skiff-control sim`, then pods created through the API as fast as
+//! concurrent clients go; prints pods bound per second, creation-to-binding latency and
+//! the control plane's peak memory beside upstream's figures.
+//!
+//! Latency is measured on the client side: the time each create request was sent, and the
+//! time the bench's own watch delivered the first event showing the pod's `spec.nodeName`
+//! (creationTimestamp has only second resolution).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use crate::cluster::{self, Kubeconfig};
+
+#[derive(clap::Args)]
+pub struct SchedBenchArgs {
+    /// Hollow nodes registered before the pods are created.
+    #[arg(long, default_value_t = 5_000)]
+    nodes: usize,
+    /// Pods created through the API.
+    #[arg(long, default_value_t = 30_000)]
+    pods: usize,
+    /// Concurrent HTTPS clients creating pods.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Replicas of the Deployment measured after the pods (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    deployment_replicas: usize,
+    /// Give up when no pod got bound for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    stall_seconds: u64,
+    /// Where the temporary data directory goes (default: the system temp directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const NAMESPACE: &str = "sched-bench";
+
+/// Upstream's scheduler_perf CI floor at 5 000 nodes (SchedulingBasic, pods/s).
+const UPSTREAM_FLOOR: &str = "680-810 pods/s";
+const TARGET_PODS_PER_SECOND: f64 = 1_500.0;
+const TARGET_DEPLOYMENT_SECONDS: f64 = 15.0;
+
+/// A child process killed on drop, with its stdout lines forwarded to a channel.
+struct Process {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn start(command: &mut Command, log: &Path) -> anyhow::Result<Self> {
+        let log_file =
+            fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("start {command:?}"))?;
+        let stdout = child.stdout.take().context("child's stdout")?;
+        let (sender, lines) = std::sync::mpsc::channel();
+        // Keeps draining stdout so that the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Ok(Self { child, lines })
+    }
+
+    /// Waits for a stdout line starting with `prefix` and returns the rest of it.
+    fn wait_for_line(&self, prefix: &str, timeout: Duration, log: &Path) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return Ok(rest.trim().to_string());
+                    }
+                }
+                Err(_) => anyhow::bail!(
+                    "no {prefix:?} line within {} s; see {}",
+                    timeout.as_secs(),
+                    log.display()
+                ),
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pod_body(name: &str) -> String {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "sched-bench"}},
+        "spec": {"containers": [{
+            "name": "app",
+            "image": "registry.k8s.io/pause:3.10",
+            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}
+        }]}
+    })
+    .to_string()
+}
+
+/// Nearest-rank percentile of sorted `values`, in milliseconds.
+fn percentile_ms(sorted: &[Duration], percent: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
+}
+
+/// When the bench's watch first saw each pod bound, by name.
+type BoundAt = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Watches pods at `url` and records when each first shows a node.
+async fn watch_bindings(
+    client: reqwest::Client,
+    url: String,
+    bound: BoundAt,
+) -> anyhow::Result<()> {
+    let mut response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("watch {url}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "watch {url}: {}",
+        response.status()
+    );
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await.context("read the pod watch")? {
+        let received = Instant::now();
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let Ok(event) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            let object = &event["object"];
+            let node = object["spec"]["nodeName"].as_str().unwrap_or("");
+            if node.is_empty() {
+                continue;
+            }
+            if let Some(name) = object["metadata"]["name"].as_str() {
+                bound
+                    .lock()
+                    .expect("bound map")
+                    .entry(name.to_string())
+                    .or_insert(received);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn expect_success(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .with_context(|| format!("{what}: read the response"))?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{what}: {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).with_context(|| format!("{what}: decode the response"))
+}
+
+/// The revision a list of `path` answers at, to start a watch from.
+async fn list_revision(client: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let list = expect_success(
+        client.get(format!("{url}?limit=1")).send().await?,
+        "list for a revision",
+    )
+    .await?;
+    Ok(list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("0")
+        .to_string())
+}
+
+/// Waits until `count` entries of `bound` (whose names `is_ours` accepts) are there, or no
+/// new one came for `stall`. Returns how many arrived.
+async fn wait_bound(
+    bound: &BoundAt,
+    count: usize,
+    stall: Duration,
+    is_ours: impl Fn(&str) -> bool,
+) -> usize {
+    let mut last_count = 0;
+    let mut last_progress = Instant::now();
+    loop {
+        let now_count = bound
+            .lock()
+            .expect("bound map")
+            .keys()
+            .filter(|k| is_ours(k))
+            .count();
+        if now_count >= count {
+            return now_count;
+        }
+        if now_count > last_count {
+            last_count = now_count;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > stall {
+            return now_count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn run(args: &SchedBenchArgs) -> anyhow::Result<()> {
+    let executable = cluster::build_control_release()?;
+    let temp = match &args.dir {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("skiff-bench-sched-")
+            .tempdir_in(dir),
+        None => tempfile::Builder::new()
+            .prefix("skiff-bench-sched-")
+            .tempdir(),
+    }
+    .context("create the bench's data directory")?;
+    let data_dir = temp.path().to_path_buf();
+
+    let server_log = data_dir.join("skiff-control.log");
+    let server = Process::start(
+        Command::new(&executable)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .env("RUST_LOG", "warn"),
+        &server_log,
+    )?;
+    let url = server.wait_for_line(
+        "skiff-control serving ",
+        Duration::from_secs(30),
+        &server_log,
+    )?;
+    let kubeconfig_path = data_dir.join("admin.kubeconfig");
+    let kubeconfig = Kubeconfig::read(&kubeconfig_path)?;
+
+    println!(
+        "bench sched: {} hollow nodes, {} pods (cpu 10m, memory 16Mi), {} clients",
+        args.nodes, args.pods, args.clients
+    );
+    let sim_log = data_dir.join("skiff-sim.log");
+    let registering = Instant::now();
+    let sim = Process::start(
+        Command::new(&executable)
+            .args(["sim", "--kubeconfig"])
+            .arg(&kubeconfig_path)
+            .args(["--nodes", &args.nodes.to_string()])
+            .env("RUST_LOG", "warn"),
+        &sim_log,
+    )?;
+    let register_timeout = Duration::from_secs(60 + args.nodes as u64 / 20);
+    sim.wait_for_line("skiff-control sim: registered", register_timeout, &sim_log)?;
+    println!(
+        "  {} hollow nodes registered in {:.1} s",
+        args.nodes,
+        registering.elapsed().as_secs_f64()
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the bench's runtime")?;
+    let result = runtime.block_on(measure(args, &url, &kubeconfig));
+    let (_, control_peak) = cluster::resident_memory(server.pid())?;
+    let (_, sim_peak) = cluster::resident_memory(sim.pid()).unwrap_or((0, 0));
+    let report = result?;
+
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    println!();
+    println!(
+        "  pods created:          {} in {:.2} s ({:.0}/s)",
+        report.created,
+        report.create_elapsed.as_secs_f64(),
+        report.created as f64 / report.create_elapsed.as_secs_f64()
+    );
+    println!(
+        "  pods bound:            {} of {} in {:.2} s from the first create",
+        report.bound,
+        report.created,
+        report.bind_elapsed.as_secs_f64()
+    );
+    let verdict = |ok: bool| if ok { "meets" } else { "below" };
+    println!(
+        "  pods bound per second: {:.0}   (upstream floor at 5 000 nodes: {UPSTREAM_FLOOR}; target {:.0}: {})",
+        report.bound_per_second(),
+        TARGET_PODS_PER_SECOND,
+        verdict(report.bound_per_second() >= TARGET_PODS_PER_SECOND)
+    );
+    println!(
+        "  create to bound:       p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile_ms(&report.latencies, 50.0),
+        percentile_ms(&report.latencies, 99.0),
+        percentile_ms(&report.latencies, 100.0)
+    );
+    println!(
+        "  control plane peak RSS (VmHWM): {:.0} MiB   (hollow nodes process: {:.0} MiB)",
+        mib(control_peak),
+        mib(sim_peak)
+    );
+    match &report.deployment {
+        DeploymentFigure::Skipped(why) => println!("  deployment: skipped: {why}"),
+        DeploymentFigure::Measured {
+            replicas,
+            bound,
+            elapsed,
+        } => println!(
+            "  deployment of {replicas} replicas: {bound} pods bound in {:.2} s (target under {TARGET_DEPLOYMENT_SECONDS:.0} s: {})",
+            elapsed.as_secs_f64(),
+            verdict(*bound == *replicas && elapsed.as_secs_f64() < TARGET_DEPLOYMENT_SECONDS)
+        ),
+    }
+    println!("  logs: {} and {}", server_log.display(), sim_log.display());
+    anyhow::ensure!(
+        report.bound == report.created,
+        "only {} of {} pods were bound; see {}",
+        report.bound,
+        report.created,
+        server_log.display()
+    );
+    drop(sim);
+    drop(server);
+    Ok(())
+}
+
+enum DeploymentFigure {
+    Skipped(String),
+    Measured {
+        replicas: usize,
+        bound: usize,
+        elapsed: Duration,
+    },
+}
+
+struct Report {
+    created: usize,
+    create_elapsed: Duration,
+    bound: usize,
+    bind_elapsed: Duration,
+    latencies: Vec<Duration>,
+    deployment: DeploymentFigure,
+}
+
+impl Report {
+    fn bound_per_second(&self) -> f64 {
+        self.bound as f64 / self.bind_elapsed.as_secs_f64()
+    }
+}
+
+async fn measure(
+    args: &SchedBenchArgs,
+    base: &str,
+    kubeconfig: &Kubeconfig,
+) -> anyhow::Result<Report> {
+    let client = kubeconfig.client()?;
+    let namespace =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}});
+    expect_success(
+        client
+            .post(format!("{base}/api/v1/namespaces"))
+            .json(&namespace)
+            .send()
+            .await?,
+        "create the bench namespace",
+    )
+    .await?;
+    // The scheduler's node watch has delivered the nodes once a fresh list shows them all;
+    // a short pause lets it digest them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let pods_url = format!("{base}/api/v1/namespaces/{NAMESPACE}/pods");
+    let revision = list_revision(&client, &pods_url).await?;
+    let bound: BoundAt = Arc::default();
+    let watch = tokio::spawn(watch_bindings(
+        client.clone(),
+        format!("{pods_url}?watch=true&resourceVersion={revision}&allowWatchBookmarks=true"),
+        bound.clone(),
+    ));
+
+    let sent_at: Arc<Vec<Mutex<Option<Instant>>>> =
+        Arc::new((0..args.pods).map(|_| Mutex::new(None)).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut creators = tokio::task::JoinSet::new();
+    for _ in 0..args.clients.max(1) {
+        let client = client.clone();
+        let pods_url = pods_url.clone();
+        let next = next.clone();
+        let sent_at = sent_at.clone();
+        let count = args.pods;
+        creators.spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= count {
+                    return anyhow::Ok(());
+                }
+                let name = format!("bench-{index}");
+                let body = pod_body(&name);
+                *sent_at[index].lock().expect("sent_at") = Some(Instant::now());
+                let response = client
+                    .post(&pods_url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .with_context(|| format!("create pod {name}"))?;
+                expect_success(response, &format!("create pod {name}")).await?;
+            }
+        });
+    }
+    while let Some(result) = creators.join_next().await {
+        result.context("a creating client panicked")??;
+    }
+    let create_elapsed = started.elapsed();
+    let n_bound = wait_bound(
+        &bound,
+        args.pods,
+        Duration::from_secs(args.stall_seconds),
+        |name| name.starts_with("bench-"),
+    )
+    .await;
+    let (latencies, last_bound) = {
+        let bound = bound.lock().expect("bound map");
+        let mut latencies = Vec::with_capacity(args.pods);
+        let mut last_bound = started;
+        for (index, sent) in sent_at.iter().enumerate() {
+            let sent = sent.lock().expect("sent_at");
+            if let (Some(sent), Some(at)) = (*sent, bound.get(&format!("bench-{index}"))) {
+                latencies.push(at.saturating_duration_since(sent));
+                last_bound = last_bound.max(*at);
+            }
+        }
+        latencies.sort_unstable();
+        (latencies, last_bound)
+    };
+
+    let deployment = if args.deployment_replicas == 0 {
+        DeploymentFigure::Skipped("--deployment-replicas 0".into())
+    } else {
+        measure_deployment(&client, base, args.deployment_replicas, &bound).await?
+    };
+    watch.abort();
+    Ok(Report {
+        created: args.pods,
+        create_elapsed,
+        bound: n_bound,
+        bind_elapsed: last_bound.saturating_duration_since(started),
+        latencies,
+        deployment,
+    })
+}
+
+/// Creates a Deployment of `replicas` and times it until every pod is bound, if a
+/// Deployment controller runs (it is probed first with a one-replica Deployment).
+async fn measure_deployment(
+    client: &reqwest::Client,
+    base: &str,
+    replicas: usize,
+    bound: &BoundAt,
+) -> anyhow::Result<DeploymentFigure> {
+    let deployments = format!("{base}/apis/apps/v1/namespaces/{NAMESPACE}/deployments");
+    let deployment = |name: &str, replicas: usize| {
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{
+                        "name": "app",
+                        "image": "registry.k8s.io/pause:3.10",
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}
+                    }]}
+                }
+            }
+        })
+    };
+    expect_success(
+        client
+            .post(&deployments)
+            .json(&deployment("probe", 1))
+            .send()
+            .await?,
+        "create the probe Deployment",
+    )
+    .await?;
+    let probed = wait_bound(bound, 1, Duration::from_secs(10), |name| {
+        name.starts_with("probe-")
+    })
+    .await;
+    if probed == 0 {
+        return Ok(DeploymentFigure::Skipped(
+            "no Deployment controller yet: a 1-replica Deployment got no bound pod within 10 s"
+                .into(),
+        ));
+    }
+    let started = Instant::now();
+    expect_success(
+        client
+            .post(&deployments)
+            .json(&deployment("big", replicas))
+            .send()
+            .await?,
+        "create the Deployment",
+    )
+    .await?;
+    let n_bound = wait_bound(bound, replicas, Duration::from_secs(30), |name| {
+        name.starts_with("big-")
+    })
+    .await;
+    let elapsed = {
+        let bound = bound.lock().expect("bound map");
+        bound
+            .iter()
+            .filter(|(name, _)| name.starts_with("big-"))
+            .map(|(_, at)| at.saturating_duration_since(started))
+            .max()
+            .unwrap_or_default()
+    };
+    Ok(DeploymentFigure::Measured {
+        replicas,
+        bound: n_bound,
+        elapsed,
+    })
+}
