@@ -203,3 +203,19 @@ impl Drop for ControlPlane {
         self.kill();
     }
 }
+
+/// Sends a request and decodes its JSON body, failing the test on any error.
+pub trait SendJson {
+    fn send_json(self) -> impl std::future::Future<Output = serde_json::Value>;
+}
+
+impl SendJson for reqwest::RequestBuilder {
+    async fn send_json(self) -> serde_json::Value {
+        self.send()
+            .await
+            .expect("send request")
+            .json()
+            .await
+            .expect("JSON response body")
+    }
+}

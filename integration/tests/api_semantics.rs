@@ -4,10 +4,15 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use integration::ControlPlane;
+use integration::{ControlPlane, SendJson};
 use serde_json::{Value, json};
 
-async fn create_configmap(client: &reqwest::Client, base: &str, name: &str, labels: Value) -> Value {
+async fn create_configmap(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    labels: Value,
+) -> Value {
     let response = client
         .post(base)
         .json(&json!({"metadata": {"name": name, "labels": labels}, "data": {"k": name}}))
@@ -43,14 +48,20 @@ async fn list_pages_with_limit_and_continue() {
     let client = plane.http();
     let base = format!("{}/api/v1/namespaces/default/configmaps", plane.url);
     for i in 0..7 {
-        create_configmap(&client, &base, &format!("cm-{i}"), json!({"parity": (i % 2).to_string()})).await;
+        create_configmap(
+            &client,
+            &base,
+            &format!("cm-{i}"),
+            json!({"parity": (i % 2).to_string()}),
+        )
+        .await;
     }
     let mut names = Vec::new();
     let mut token = String::new();
     let mut pages = 0;
     loop {
         let url = format!("{base}?limit=3&continue={token}");
-        let page: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+        let page: Value = client.get(&url).send_json().await;
         pages += 1;
         for item in page["items"].as_array().unwrap() {
             names.push(item["metadata"]["name"].as_str().unwrap().to_string());
@@ -66,24 +77,21 @@ async fn list_pages_with_limit_and_continue() {
     // The limit counts matching objects, not scanned ones.
     let odd: Value = client
         .get(format!("{base}?labelSelector=parity%3D1&limit=2"))
-        .send()
-        .await
+        .send_json()
+        .await;
+    let odd_names: Vec<&str> = odd["items"]
+        .as_array()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let odd_names: Vec<&str> = odd["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
     assert_eq!(odd_names, ["cm-1", "cm-3"]);
     assert!(odd["metadata"]["continue"].is_string());
 
     let by_name: Value = client
         .get(format!("{base}?fieldSelector=metadata.name%3Dcm-4"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(by_name["items"].as_array().unwrap().len(), 1);
 }
 
@@ -93,7 +101,10 @@ async fn watch_replays_from_a_version_and_follows_selector_transitions() {
     let client = plane.http();
     let base = format!("{}/api/v1/namespaces/default/configmaps", plane.url);
     let first = create_configmap(&client, &base, "a", json!({"app": "web"})).await;
-    let version = first["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let version = first["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Writes after `version`: a new match, a label change out of the selector, a delete.
     create_configmap(&client, &base, "b", json!({"app": "web"})).await;
@@ -104,24 +115,54 @@ async fn watch_replays_from_a_version_and_follows_selector_transitions() {
             .body(json!({"metadata": {"labels": labels}}).to_string())
             .send()
     };
-    assert_eq!(patch("a", json!({"app": "db"})).await.unwrap().status(), 200);
-    assert_eq!(client.delete(format!("{base}/b")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        patch("a", json!({"app": "db"})).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        client
+            .delete(format!("{base}/b"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     let response = client
-        .get(format!("{base}?watch=1&resourceVersion={version}&labelSelector=app%3Dweb&timeoutSeconds=5"))
+        .get(format!(
+            "{base}?watch=1&resourceVersion={version}&labelSelector=app%3Dweb&timeoutSeconds=5"
+        ))
         .send()
         .await
         .unwrap();
     let events = watch_events(response, 3).await;
     let summary: Vec<(String, String)> = events
         .iter()
-        .map(|e| (e["type"].as_str().unwrap().to_string(), e["object"]["metadata"]["name"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
         .collect();
     let expected = [("ADDED", "b"), ("DELETED", "a"), ("DELETED", "b")];
-    assert_eq!(summary, expected.map(|(t, n)| (t.to_string(), n.to_string())));
+    assert_eq!(
+        summary,
+        expected.map(|(t, n)| (t.to_string(), n.to_string()))
+    );
     let versions: Vec<i64> = events
         .iter()
-        .map(|e| e["object"]["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap())
+        .map(|e| {
+            e["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
 }
@@ -144,6 +185,9 @@ async fn watch_list_sends_initial_events_then_a_bookmark() {
     assert_eq!(events[0]["type"], "ADDED");
     assert_eq!(events[1]["type"], "ADDED");
     assert_eq!(events[2]["type"], "BOOKMARK");
-    assert_eq!(events[2]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
+    assert_eq!(
+        events[2]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
     assert_eq!(events[2]["object"]["kind"], "ConfigMap");
 }

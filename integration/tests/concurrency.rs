@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use integration::ControlPlane;
+use integration::{ControlPlane, SendJson};
 use serde_json::{Value, json};
 
 const CLIENTS: usize = 20;
@@ -37,8 +37,7 @@ async fn stale_updates_conflict_and_no_update_is_lost() {
         tasks.push(tokio::spawn(async move {
             let mut done = 0;
             while done < UPDATES_PER_CLIENT {
-                let mut current: Value =
-                    client.get(&url).send().await.unwrap().json().await.unwrap();
+                let mut current: Value = client.get(&url).send_json().await;
                 let version = current["metadata"]["resourceVersion"]
                     .as_str()
                     .unwrap()
@@ -87,14 +86,7 @@ async fn stale_updates_conflict_and_no_update_is_lost() {
         "a version had two winners: {winners:?}"
     );
     assert_eq!(winners.len(), CLIENTS * UPDATES_PER_CLIENT);
-    let last: Value = client
-        .get(format!("{base}/counter"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let last: Value = client.get(format!("{base}/counter")).send_json().await;
     assert_eq!(
         last["data"]["n"],
         json!((CLIENTS * UPDATES_PER_CLIENT).to_string())

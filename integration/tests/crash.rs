@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use integration::ControlPlane;
+use integration::{ControlPlane, SendJson};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -49,14 +49,7 @@ async fn acknowledged_writes_survive_kill_9() {
     let restarted = ControlPlane::start_in(&data_dir);
     let client = restarted.http();
     let base = format!("{}/api/v1/namespaces/default/configmaps", restarted.url);
-    let list: Value = client
-        .get(&base)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = client.get(&base).send_json().await;
     let stored: std::collections::HashMap<String, i64> = list["items"]
         .as_array()
         .unwrap()
@@ -88,12 +81,8 @@ async fn acknowledged_writes_survive_kill_9() {
     let next: Value = client
         .post(&base)
         .json(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "after-restart"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let next_version: i64 = next["metadata"]["resourceVersion"]
         .as_str()
         .unwrap()

@@ -1,6 +1,6 @@
 //! Bad requests get the Kubernetes `Status` a client expects, and leave nothing behind.
 
-use integration::ControlPlane;
+use integration::{ControlPlane, SendJson};
 use serde_json::{Value, json};
 
 async fn status(response: reqwest::Response) -> (u16, Value) {
@@ -45,19 +45,41 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
 
     let (code, body) = status(
         client
-            .post(format!("{}/api/v1/namespaces/nowhere/configmaps", plane.url))
+            .post(format!(
+                "{}/api/v1/namespaces/nowhere/configmaps",
+                plane.url
+            ))
             .json(&json!({"metadata": {"name": "a"}}))
             .send()
             .await
             .unwrap(),
     )
     .await;
-    assert_eq!((code, body["message"].as_str()), (404, Some("namespaces \"nowhere\" not found")));
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (404, Some("namespaces \"nowhere\" not found"))
+    );
 
-    let created = client.post(&configmaps).json(&json!({"metadata": {"name": "a"}})).send().await.unwrap();
+    let created = client
+        .post(&configmaps)
+        .json(&json!({"metadata": {"name": "a"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), 201);
-    let (code, body) = status(client.post(&configmaps).json(&json!({"metadata": {"name": "a"}})).send().await.unwrap()).await;
-    assert_eq!((code, body["reason"].as_str()), (409, Some("AlreadyExists")));
+    let (code, body) = status(
+        client
+            .post(&configmaps)
+            .json(&json!({"metadata": {"name": "a"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (409, Some("AlreadyExists"))
+    );
     assert_eq!(body["details"]["name"], "a");
 
     let (code, body) = status(
@@ -70,7 +92,10 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
     )
     .await;
     assert_eq!((code, body["reason"].as_str()), (422, Some("Invalid")));
-    assert_eq!(body["details"]["causes"][0]["field"], "metadata.name", "{body}");
+    assert_eq!(
+        body["details"]["causes"][0]["field"], "metadata.name",
+        "{body}"
+    );
 
     // The server answers before reading all of an oversized body and the connection cannot
     // be reused after that, so this request gets a client of its own.
@@ -85,7 +110,10 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
             .unwrap(),
     )
     .await;
-    assert_eq!((code, body["reason"].as_str()), (413, Some("RequestEntityTooLarge")));
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (413, Some("RequestEntityTooLarge"))
+    );
 
     let (code, _) = status(
         client
@@ -99,8 +127,18 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
     .await;
     assert_eq!(code, 415);
 
-    let (code, body) = status(client.get(format!("{configmaps}/missing")).send().await.unwrap()).await;
-    assert_eq!((code, body["message"].as_str()), (404, Some("configmaps \"missing\" not found")));
+    let (code, body) = status(
+        client
+            .get(format!("{configmaps}/missing"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (404, Some("configmaps \"missing\" not found"))
+    );
 
     let (code, body) = status(
         client
@@ -111,12 +149,27 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
     )
     .await;
     assert_eq!(code, 400, "{body}");
-    let (code, body) = status(client.get(format!("{configmaps}?fieldSelector=spec.bogus%3D1")).send().await.unwrap()).await;
-    assert_eq!((code, body["message"].as_str()), (400, Some("field label not supported: spec.bogus")));
+    let (code, body) = status(
+        client
+            .get(format!("{configmaps}?fieldSelector=spec.bogus%3D1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (400, Some("field label not supported: spec.bogus"))
+    );
 
     // Only the one good object exists: no error left anything behind.
-    let list: Value = client.get(&configmaps).send().await.unwrap().json().await.unwrap();
-    let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+    let list: Value = client.get(&configmaps).send_json().await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["a"]);
 }
 
@@ -128,13 +181,12 @@ async fn services_get_addresses_and_conflicts_are_clear() {
     let service = |name: &str, spec: Value| json!({"metadata": {"name": name}, "spec": spec});
     let created: Value = client
         .post(&services)
-        .json(&service("web", json!({"type": "NodePort", "selector": {"app": "web"}, "ports": [{"port": 80}]})))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json(&service(
+            "web",
+            json!({"type": "NodePort", "selector": {"app": "web"}, "ports": [{"port": 80}]}),
+        ))
+        .send_json()
+        .await;
     let node_port = created["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
     assert!((30000..=32767).contains(&node_port), "{created}");
     let cluster_ip = created["spec"]["clusterIP"].as_str().unwrap().to_string();
@@ -143,28 +195,50 @@ async fn services_get_addresses_and_conflicts_are_clear() {
     let (code, body) = status(
         client
             .post(&services)
-            .json(&service("clash", json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]})))
+            .json(&service(
+                "clash",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]}),
+            ))
             .send()
             .await
             .unwrap(),
     )
     .await;
     assert_eq!(code, 422, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("provided port is already allocated"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("provided port is already allocated"),
+        "{body}"
+    );
     let (code, body) = status(
         client
             .post(&services)
-            .json(&service("clash", json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]})))
+            .json(&service(
+                "clash",
+                json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
+            ))
             .send()
             .await
             .unwrap(),
     )
     .await;
     assert_eq!(code, 422, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("provided IP is already allocated"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("provided IP is already allocated"),
+        "{body}"
+    );
 
     // Deleting the Service frees its port and address for the next one.
-    let deleted = client.delete(format!("{services}/web")).send().await.unwrap();
+    let deleted = client
+        .delete(format!("{services}/web"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), 200);
     let reused = client
         .post(&services)

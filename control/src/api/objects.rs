@@ -392,6 +392,30 @@ impl ApiServer {
         Ok(())
     }
 
+    async fn fetch_optional(
+        &self,
+        info: &ResourceInfo,
+        key: &str,
+        name: &str,
+    ) -> Result<Option<KeyValue>, ApiError> {
+        self.store
+            .get(key)
+            .await
+            .map_err(|e| ApiError::from_store(e, info, name))
+    }
+
+    /// The stored object at `key`, or 404 naming `name`.
+    async fn fetch(
+        &self,
+        info: &ResourceInfo,
+        key: &str,
+        name: &str,
+    ) -> Result<KeyValue, ApiError> {
+        self.fetch_optional(info, key, name)
+            .await?
+            .ok_or_else(|| ApiError::not_found(info, name))
+    }
+
     pub(crate) async fn get(
         &self,
         request: ResourceRequest,
@@ -400,12 +424,7 @@ impl ApiServer {
         let info = request.info;
         let name = request.name.as_deref().unwrap_or_default();
         let key = info.object_key(request.namespace.as_deref(), name);
-        let stored = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| ApiError::from_store(e, info, name))?
-            .ok_or_else(|| ApiError::not_found(info, name))?;
+        let stored = self.fetch(info, &key, name).await?;
         let object = decode_stored(&stored)?;
         if request.subresource.as_deref() == Some("scale") {
             return Ok(json_response(StatusCode::OK, &scale_of(&object)));
@@ -710,11 +729,7 @@ impl ApiServer {
         let namespace = request.namespace.as_deref();
         let key = info.object_key(namespace, name);
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let stored = self
-                .store
-                .get(&key)
-                .await
-                .map_err(|e| ApiError::from_store(e, info, name))?;
+            let stored = self.fetch_optional(info, &key, name).await?;
             let Some(stored) = stored else {
                 if let Change::Replace(body) = &change
                     && info.allow_create_on_update
@@ -876,12 +891,7 @@ impl ApiServer {
     ) -> Result<Deleted, ApiError> {
         let key = info.object_key(namespace, name);
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let stored = self
-                .store
-                .get(&key)
-                .await
-                .map_err(|e| ApiError::from_store(e, info, name))?
-                .ok_or_else(|| ApiError::not_found(info, name))?;
+            let stored = self.fetch(info, &key, name).await?;
             let old = decode_stored(&stored)?;
             if let Some(preconditions) = &options.preconditions {
                 if let Some(uid) = &preconditions.uid
@@ -1082,12 +1092,7 @@ impl ApiServer {
         }
         let key = info.object_key(request.namespace.as_deref(), &name);
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let stored = self
-                .store
-                .get(&key)
-                .await
-                .map_err(|e| ApiError::from_store(e, info, &name))?
-                .ok_or_else(|| ApiError::not_found(info, &name))?;
+            let stored = self.fetch(info, &key, &name).await?;
             let mut pod = decode_stored(&stored)?;
             if pod["metadata"]["deletionTimestamp"].is_string() {
                 return Err(ApiError::conflict(
