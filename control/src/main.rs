@@ -71,7 +71,9 @@ where
     loop {
         match task().await {
             Ok(()) => return,
-            Err(error) => tracing::error!(%name, error = format!("{error:#}"), "stopped; restarting"),
+            Err(error) => {
+                tracing::error!(%name, error = format!("{error:#}"), "stopped; restarting")
+            }
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
@@ -179,7 +181,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // HTTPS with the admin kubeconfig, so each can also run on its own.
     let client = client_from(Some(&kubeconfig)).await?;
     let scheduler_client = client.clone();
-    tokio::spawn(supervise("scheduler", move || skiff_control::scheduler::run(scheduler_client.clone())));
+    tokio::spawn(supervise("scheduler", move || {
+        skiff_control::scheduler::run(scheduler_client.clone())
+    }));
     tokio::spawn(supervise("controllers", move || {
         skiff_control::controllers::run_workloads(client.clone())
     }));

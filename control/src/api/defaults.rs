@@ -77,7 +77,10 @@ fn elements_mut<'a>(object: &'a mut Value, field: &str) -> impl Iterator<Item = 
 fn default_namespace(namespace: &mut Value) {
     // kube-apiserver labels every named namespace with its own name so that namespace
     // selectors can pick namespaces by name.
-    if let Some(name) = namespace["metadata"]["name"].as_str().filter(|n| !n.is_empty()) {
+    if let Some(name) = namespace["metadata"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+    {
         let name = name.to_string();
         let labels = child_object(child_object(namespace, "metadata"), "labels");
         labels["kubernetes.io/metadata.name"] = json!(name);
@@ -111,7 +114,10 @@ fn default_pod_spec(spec: &mut Value) {
     set_if_zero(spec, "schedulerName", json!("default-scheduler"));
     // The v1 conversion keeps the deprecated `serviceAccount` in step with
     // `serviceAccountName`, taking the old field only when the new one is empty.
-    let account_name = spec["serviceAccountName"].as_str().unwrap_or("").to_string();
+    let account_name = spec["serviceAccountName"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let deprecated_name = spec["serviceAccount"].as_str().unwrap_or("").to_string();
     if account_name.is_empty() && !deprecated_name.is_empty() {
         spec["serviceAccountName"] = json!(deprecated_name);
@@ -136,7 +142,11 @@ fn default_container(container: &mut Value) {
         "IfNotPresent"
     };
     set_if_zero(container, "imagePullPolicy", json!(pull_policy));
-    set_if_zero(container, "terminationMessagePath", json!("/dev/termination-log"));
+    set_if_zero(
+        container,
+        "terminationMessagePath",
+        json!("/dev/termination-log"),
+    );
     set_if_zero(container, "terminationMessagePolicy", json!("File"));
     // Go always writes the resource requirements struct, so an empty one reads back as `{}`.
     set_if_missing(container, "resources", json!({}));
@@ -235,7 +245,10 @@ const VOLUME_SOURCES: &[&str] = &[
 const DEFAULT_FILE_MODE: i64 = 0o644;
 
 fn default_volume(volume: &mut Value) {
-    if !VOLUME_SOURCES.iter().any(|source| !volume[*source].is_null()) {
+    if !VOLUME_SOURCES
+        .iter()
+        .any(|source| !volume[*source].is_null())
+    {
         volume["emptyDir"] = json!({});
     }
     for source in ["secret", "configMap", "downwardAPI", "projected"] {
@@ -251,7 +264,10 @@ fn default_volume(volume: &mut Value) {
     }
     if let Some(projected) = volume.get_mut("projected") {
         for source in elements_mut(projected, "sources") {
-            if let Some(token) = source.get_mut("serviceAccountToken").filter(|t| t.is_object()) {
+            if let Some(token) = source
+                .get_mut("serviceAccountToken")
+                .filter(|t| t.is_object())
+            {
                 set_if_missing(token, "expirationSeconds", json!(3600));
             }
             if let Some(downward_api) = source.get_mut("downwardAPI") {
@@ -271,7 +287,10 @@ fn default_downward_api_items(downward_api: &mut Value) {
 
 /// The pod taints the DefaultTolerationSeconds admission plugin tolerates for five
 /// minutes, so that a pod is evicted from a failed node only after that grace.
-const DEFAULT_TOLERATED_TAINTS: [&str; 2] = ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
+const DEFAULT_TOLERATED_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
 
 /// The priorities of the built-in PriorityClasses; any other class is left to admission.
 fn priority_of_class(class: &str) -> Option<i64> {
@@ -358,7 +377,9 @@ fn default_tolerations(spec: &mut Value) {
 fn externally_accessible(spec: &Value) -> bool {
     match spec["type"].as_str().unwrap_or("") {
         "LoadBalancer" | "NodePort" => true,
-        "ClusterIP" => spec["externalIPs"].as_array().is_some_and(|ips| !ips.is_empty()),
+        "ClusterIP" => spec["externalIPs"]
+            .as_array()
+            .is_some_and(|ips| !ips.is_empty()),
         _ => false,
     }
 }
@@ -372,7 +393,9 @@ fn default_service(service: &mut Value) {
                 map.remove("sessionAffinityConfig");
             }
         }
-        Some("ClientIP") if spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"].is_null() => {
+        Some("ClientIP")
+            if spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"].is_null() =>
+        {
             spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 10800}});
         }
         _ => {}
@@ -389,7 +412,10 @@ fn default_service(service: &mut Value) {
     if externally_accessible(spec) {
         set_if_zero(spec, "externalTrafficPolicy", json!("Cluster"));
     }
-    if matches!(service_type.as_str(), "ClusterIP" | "NodePort" | "LoadBalancer") {
+    if matches!(
+        service_type.as_str(),
+        "ClusterIP" | "NodePort" | "LoadBalancer"
+    ) {
         set_if_missing(spec, "internalTrafficPolicy", json!("Cluster"));
     }
     if service_type == "LoadBalancer" {
@@ -405,7 +431,9 @@ fn default_service(service: &mut Value) {
 fn default_service_ip_fields(spec: &mut Value) {
     // A client that sets only the singular clusterIP gets the plural list derived from it.
     let cluster_ip = spec["clusterIP"].as_str().unwrap_or("").to_string();
-    let has_cluster_ips = spec["clusterIPs"].as_array().is_some_and(|ips| !ips.is_empty());
+    let has_cluster_ips = spec["clusterIPs"]
+        .as_array()
+        .is_some_and(|ips| !ips.is_empty());
     if !cluster_ip.is_empty() && !has_cluster_ips {
         spec["clusterIPs"] = json!([cluster_ip]);
     }
@@ -439,7 +467,11 @@ fn default_service_ip_fields(spec: &mut Value) {
         && let Some(families) = spec["ipFamilies"].as_array_mut()
         && families.len() == 1
     {
-        let other = if families[0] == "IPv6" { "IPv4" } else { "IPv6" };
+        let other = if families[0] == "IPv6" {
+            "IPv4"
+        } else {
+            "IPv6"
+        };
         families.push(json!(other));
     }
 }
@@ -522,7 +554,10 @@ mod tests {
 
     #[test]
     fn pod_spec_gets_the_fields_kubectl_shows() {
-        let pod = defaulted("Pod", json!({"metadata": {"name": "web"}, "spec": minimal_pod_spec()}));
+        let pod = defaulted(
+            "Pod",
+            json!({"metadata": {"name": "web"}, "spec": minimal_pod_spec()}),
+        );
         let spec = &pod["spec"];
         assert_eq!(spec["restartPolicy"], "Always");
         assert_eq!(spec["dnsPolicy"], "ClusterFirst");
@@ -567,8 +602,14 @@ mod tests {
             ("nginx:latest@sha256:abcd", "Always"),
             ("nginx:1.27", "IfNotPresent"),
         ] {
-            let pod = defaulted("Pod", json!({"spec": {"containers": [{"name": "a", "image": image}]}}));
-            assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], policy, "{image}");
+            let pod = defaulted(
+                "Pod",
+                json!({"spec": {"containers": [{"name": "a", "image": image}]}}),
+            );
+            assert_eq!(
+                pod["spec"]["containers"][0]["imagePullPolicy"], policy,
+                "{image}"
+            );
         }
     }
 
@@ -600,7 +641,10 @@ mod tests {
             container["lifecycle"]["preStop"]["httpGet"],
             json!({"port": 80, "path": "/quit", "scheme": "HTTP"})
         );
-        assert_eq!(container["env"][0]["valueFrom"]["fieldRef"]["apiVersion"], "v1");
+        assert_eq!(
+            container["env"][0]["valueFrom"]["fieldRef"]["apiVersion"],
+            "v1"
+        );
     }
 
     #[test]
@@ -621,7 +665,10 @@ mod tests {
         assert_eq!(volumes[2]["secret"]["defaultMode"], 256);
         assert_eq!(volumes[3]["hostPath"]["type"], "");
         assert_eq!(volumes[4]["projected"]["defaultMode"], 420);
-        assert_eq!(volumes[4]["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"], 3600);
+        assert_eq!(
+            volumes[4]["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"],
+            3600
+        );
     }
 
     #[test]
@@ -642,7 +689,10 @@ mod tests {
             "Pod",
             json!({"spec": {"containers": [], "tolerations": [{"operator": "Exists"}]}}),
         );
-        assert_eq!(tolerant["spec"]["tolerations"], json!([{"operator": "Exists"}]));
+        assert_eq!(
+            tolerant["spec"]["tolerations"],
+            json!([{"operator": "Exists"}])
+        );
     }
 
     #[test]
@@ -656,25 +706,40 @@ mod tests {
             }]}}),
         );
         let container = &pod["spec"]["containers"][0];
-        assert_eq!(container["resources"]["requests"], json!({"cpu": "100m", "memory": "128Mi"}));
+        assert_eq!(
+            container["resources"]["requests"],
+            json!({"cpu": "100m", "memory": "128Mi"})
+        );
         assert_eq!(container["ports"][0]["hostPort"], 8080);
     }
 
     #[test]
     fn service_account_fields_stay_in_step() {
-        let pod = defaulted("Pod", json!({"spec": {"containers": [], "serviceAccount": "builder"}}));
+        let pod = defaulted(
+            "Pod",
+            json!({"spec": {"containers": [], "serviceAccount": "builder"}}),
+        );
         assert_eq!(pod["spec"]["serviceAccountName"], "builder");
-        let pod = defaulted("Pod", json!({"spec": {"containers": [], "serviceAccountName": "runner"}}));
+        let pod = defaulted(
+            "Pod",
+            json!({"spec": {"containers": [], "serviceAccountName": "runner"}}),
+        );
         assert_eq!(pod["spec"]["serviceAccount"], "runner");
     }
 
     #[test]
     fn workload_templates_share_the_pod_spec_defaults_but_not_the_pod_only_ones() {
         for kind in ["Deployment", "ReplicaSet", "DaemonSet"] {
-            let workload = defaulted(kind, json!({"spec": {"template": {"spec": minimal_pod_spec()}}}));
+            let workload = defaulted(
+                kind,
+                json!({"spec": {"template": {"spec": minimal_pod_spec()}}}),
+            );
             let spec = &workload["spec"]["template"]["spec"];
             assert_eq!(spec["restartPolicy"], "Always", "{kind}");
-            assert_eq!(spec["containers"][0]["imagePullPolicy"], "IfNotPresent", "{kind}");
+            assert_eq!(
+                spec["containers"][0]["imagePullPolicy"], "IfNotPresent",
+                "{kind}"
+            );
             assert!(spec["enableServiceLinks"].is_null(), "{kind}");
             assert!(spec["tolerations"].is_null(), "{kind}");
             assert!(spec["priority"].is_null(), "{kind}");
@@ -683,7 +748,10 @@ mod tests {
 
     #[test]
     fn deployment_defaults() {
-        let deployment = defaulted("Deployment", json!({"spec": {"template": {"spec": minimal_pod_spec()}}}));
+        let deployment = defaulted(
+            "Deployment",
+            json!({"spec": {"template": {"spec": minimal_pod_spec()}}}),
+        );
         let spec = &deployment["spec"];
         assert_eq!(spec["replicas"], 1);
         assert_eq!(
@@ -692,7 +760,10 @@ mod tests {
         );
         assert_eq!(spec["revisionHistoryLimit"], 10);
         assert_eq!(spec["progressDeadlineSeconds"], 600);
-        let recreate = defaulted("Deployment", json!({"spec": {"replicas": 0, "strategy": {"type": "Recreate"}}}));
+        let recreate = defaulted(
+            "Deployment",
+            json!({"spec": {"replicas": 0, "strategy": {"type": "Recreate"}}}),
+        );
         assert_eq!(recreate["spec"]["strategy"], json!({"type": "Recreate"}));
         assert_eq!(recreate["spec"]["replicas"], 0);
     }
@@ -718,7 +789,10 @@ mod tests {
         let spec = &service["spec"];
         assert_eq!(spec["type"], "ClusterIP");
         assert_eq!(spec["sessionAffinity"], "None");
-        assert_eq!(spec["ports"][0], json!({"port": 80, "protocol": "TCP", "targetPort": 80}));
+        assert_eq!(
+            spec["ports"][0],
+            json!({"port": 80, "protocol": "TCP", "targetPort": 80})
+        );
         assert_eq!(spec["ports"][1]["targetPort"], "https");
         assert_eq!(spec["internalTrafficPolicy"], "Cluster");
         assert_eq!(spec["ipFamilyPolicy"], "SingleStack");
@@ -729,9 +803,15 @@ mod tests {
 
     #[test]
     fn externally_reachable_services_get_an_external_traffic_policy() {
-        let node_port = defaulted("Service", json!({"spec": {"type": "NodePort", "ports": [{"port": 80}]}}));
+        let node_port = defaulted(
+            "Service",
+            json!({"spec": {"type": "NodePort", "ports": [{"port": 80}]}}),
+        );
         assert_eq!(node_port["spec"]["externalTrafficPolicy"], "Cluster");
-        let balancer = defaulted("Service", json!({"spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}}));
+        let balancer = defaulted(
+            "Service",
+            json!({"spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}}),
+        );
         assert_eq!(balancer["spec"]["externalTrafficPolicy"], "Cluster");
         assert_eq!(balancer["spec"]["allocateLoadBalancerNodePorts"], true);
         let external = defaulted(
@@ -745,9 +825,15 @@ mod tests {
 
     #[test]
     fn service_cluster_ips_follow_cluster_ip_and_headless_services_without_selector_are_dual() {
-        let fixed = defaulted("Service", json!({"spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}}));
+        let fixed = defaulted(
+            "Service",
+            json!({"spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}}),
+        );
         assert_eq!(fixed["spec"]["clusterIPs"], json!(["10.96.0.20"]));
-        let headless = defaulted("Service", json!({"spec": {"clusterIP": "None", "selector": {"app": "db"}}}));
+        let headless = defaulted(
+            "Service",
+            json!({"spec": {"clusterIP": "None", "selector": {"app": "db"}}}),
+        );
         assert_eq!(headless["spec"]["ipFamilyPolicy"], "SingleStack");
         assert_eq!(headless["spec"]["ipFamilies"], json!(["IPv4"]));
         let manual = defaulted("Service", json!({"spec": {"clusterIP": "None"}}));
@@ -758,7 +844,10 @@ mod tests {
     #[test]
     fn client_ip_affinity_gets_a_timeout_and_none_drops_the_config() {
         let sticky = defaulted("Service", json!({"spec": {"sessionAffinity": "ClientIP"}}));
-        assert_eq!(sticky["spec"]["sessionAffinityConfig"], json!({"clientIP": {"timeoutSeconds": 10800}}));
+        assert_eq!(
+            sticky["spec"]["sessionAffinityConfig"],
+            json!({"clientIP": {"timeoutSeconds": 10800}})
+        );
         let plain = defaulted(
             "Service",
             json!({"spec": {"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}}}),
@@ -769,7 +858,10 @@ mod tests {
     #[test]
     fn namespace_defaults() {
         let namespace = defaulted("Namespace", json!({"metadata": {"name": "team"}}));
-        assert_eq!(namespace["metadata"]["labels"]["kubernetes.io/metadata.name"], "team");
+        assert_eq!(
+            namespace["metadata"]["labels"]["kubernetes.io/metadata.name"],
+            "team"
+        );
         assert_eq!(namespace["spec"]["finalizers"], json!(["kubernetes"]));
         assert_eq!(namespace["status"]["phase"], "Active");
         // A namespace being deleted keeps the finalizers the namespace controller left.
@@ -785,11 +877,20 @@ mod tests {
     #[test]
     fn secret_endpoints_slice_and_node_defaults() {
         assert_eq!(defaulted("Secret", json!({"data": {}}))["type"], "Opaque");
-        assert_eq!(defaulted("Secret", json!({"type": "kubernetes.io/tls"}))["type"], "kubernetes.io/tls");
+        assert_eq!(
+            defaulted("Secret", json!({"type": "kubernetes.io/tls"}))["type"],
+            "kubernetes.io/tls"
+        );
         let endpoints = defaulted("Endpoints", json!({"subsets": [{"ports": [{"port": 80}]}]}));
         assert_eq!(endpoints["subsets"][0]["ports"][0]["protocol"], "TCP");
-        let slice = defaulted("EndpointSlice", json!({"addressType": "IPv4", "ports": [{"port": 80}]}));
-        assert_eq!(slice["ports"][0], json!({"port": 80, "name": "", "protocol": "TCP"}));
+        let slice = defaulted(
+            "EndpointSlice",
+            json!({"addressType": "IPv4", "ports": [{"port": 80}]}),
+        );
+        assert_eq!(
+            slice["ports"][0],
+            json!({"port": 80, "name": "", "protocol": "TCP"})
+        );
         let node = defaulted("Node", json!({"status": {"capacity": {"cpu": "4"}}}));
         assert_eq!(node["status"]["allocatable"], json!({"cpu": "4"}));
     }

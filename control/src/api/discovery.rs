@@ -131,7 +131,8 @@ static OPENAPI_V3: LazyLock<Vec<(String, bytes::Bytes, String)>> = LazyLock::new
     group_version_paths()
         .into_iter()
         .map(|(path, group, version)| {
-            let document = serde_json::to_vec(&build_openapi_v3_document(group, version)).unwrap_or_default();
+            let document =
+                serde_json::to_vec(&build_openapi_v3_document(group, version)).unwrap_or_default();
             let mut hasher = std::hash::DefaultHasher::new();
             document.hash(&mut hasher);
             let hash = format!("{:016X}", hasher.finish());
@@ -343,7 +344,8 @@ mod tests {
 
     #[test]
     fn openapi_v3_declares_field_validation_on_patch() {
-        let document: Value = serde_json::from_slice(&openapi_v3_document("apis/apps/v1").unwrap()).unwrap();
+        let document: Value =
+            serde_json::from_slice(&openapi_v3_document("apis/apps/v1").unwrap()).unwrap();
         let patch =
             &document["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
         assert_eq!(
@@ -362,7 +364,8 @@ mod tests {
 
     #[test]
     fn openapi_v3_schemas_carry_kinds_for_explain() {
-        let document: Value = serde_json::from_slice(&openapi_v3_document("api/v1").unwrap()).unwrap();
+        let document: Value =
+            serde_json::from_slice(&openapi_v3_document("api/v1").unwrap()).unwrap();
         let pod = &document["components"]["schemas"]["io.k8s.api.core.v1.Pod"];
         assert_eq!(pod["x-kubernetes-group-version-kind"][0]["kind"], "Pod");
         assert!(pod["properties"]["spec"].is_object());
@@ -372,6 +375,9 @@ mod tests {
         let containers = &pod_spec["properties"]["containers"];
         assert_eq!(containers["x-kubernetes-patch-strategy"], "merge");
         assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
-        assert_eq!(container["properties"]["ports"]["x-kubernetes-patch-merge-key"], "containerPort");
+        assert_eq!(
+            container["properties"]["ports"]["x-kubernetes-patch-merge-key"],
+            "containerPort"
+        );
     }
 }
