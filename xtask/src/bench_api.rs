@@ -42,6 +42,9 @@ pub struct ApiBenchArgs {
     /// Where the temporary data directory goes (default: the system temp directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Keeps the data directory (store, server log) for a look afterwards.
+    #[arg(long)]
+    keep: bool,
 }
 
 const CONFIGMAPS: &str = "/api/v1/namespaces/default/configmaps";
@@ -479,17 +482,15 @@ pub fn run(args: &ApiBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
-    runtime.block_on(bench(args, &executable, temp.path()))
+    let result = runtime.block_on(bench(args, &executable, temp.path()));
+    if args.keep {
+        eprintln!("bench: kept {}", temp.keep().display());
+    }
+    result
 }
 
 async fn bench(args: &ApiBenchArgs, executable: &Path, dir: &Path) -> anyhow::Result<()> {
-    let data_dir = dir.join("control");
-    let server = Server::start(executable, &data_dir)?;
-    let kubeconfig = Kubeconfig::read(&data_dir.join("admin.kubeconfig"))?;
-    let client = kubeconfig.client()?;
-    let url = server.url.clone();
-    let (rss_idle, _) = cluster::resident_memory(server.pid())?;
-
+    // The floor runs first, on an idle disk, over the payloads the paced creates send.
     let paced: Arc<Vec<(String, String)>> = Arc::new(
         (0..args.creates)
             .map(|i| {
@@ -499,6 +500,22 @@ async fn bench(args: &ApiBenchArgs, executable: &Path, dir: &Path) -> anyhow::Re
             })
             .collect(),
     );
+    eprintln!("bench: fsync floor, {} appends", args.creates);
+    let payloads: Vec<String> = paced.iter().map(|(_, body)| body.clone()).collect();
+    let (floor_serial, floor_shared) = tokio::task::block_in_place(|| {
+        anyhow::Ok((
+            fsync_floor(&dir.join("floor-1.log"), &payloads, 1)?,
+            fsync_floor(&dir.join("floor-shared.log"), &payloads, args.clients)?,
+        ))
+    })?;
+
+    let data_dir = dir.join("control");
+    let server = Server::start(executable, &data_dir)?;
+    let kubeconfig = Kubeconfig::read(&data_dir.join("admin.kubeconfig"))?;
+    let client = kubeconfig.client()?;
+    let url = server.url.clone();
+    let (rss_idle, _) = cluster::resident_memory(server.pid())?;
+
     let unpaced: Arc<Vec<(String, String)>> = Arc::new(
         (0..args.creates)
             .map(|i| {
@@ -607,15 +624,6 @@ async fn bench(args: &ApiBenchArgs, executable: &Path, dir: &Path) -> anyhow::Re
     .await?;
     let (rss_pods, rss_peak) = cluster::resident_memory(server.pid())?;
     drop(server);
-
-    eprintln!("bench: fsync floor, {} appends", args.creates);
-    let payloads: Vec<String> = paced.iter().map(|(_, body)| body.clone()).collect();
-    let floor_serial = fsync_floor(&dir.join("floor-1.log"), &payloads, 1)?;
-    let floor_shared = fsync_floor(
-        &dir.join("floor-shared.log"),
-        &payloads,
-        args.clients.max(1),
-    )?;
 
     let create_target = format!(
         "p99 < 20 ms at 500/s: {}",

@@ -22,8 +22,8 @@ use kube::{Client, ResourceExt as _};
 use serde_json::json;
 
 use super::runtime::{
-    Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of,
-    release, run_workers, selector_matches, split_key,
+    Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of, release,
+    run_workers, selector_matches, split_key,
 };
 
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
@@ -68,7 +68,14 @@ impl DeploymentController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let deployments = self.deployments.clone();
-        let all = move || deployments.store.state().iter().map(|d| key_of(&**d)).collect();
+        let all = move || {
+            deployments
+                .store
+                .state()
+                .iter()
+                .map(|d| key_of(&**d))
+                .collect()
+        };
         let from_deployments = feed(
             queue.clone(),
             self.deployments.subscribe(),
@@ -83,7 +90,10 @@ impl DeploymentController {
             all.clone(),
         );
         // Recreate waits for old pods to be gone: their deletion must wake the Deployment.
+        // Only Recreate Deployments listen to pods; the others see their pods through the
+        // ReplicaSets' status.
         let replicasets = self.replicasets.clone();
+        let owners = self.deployments.clone();
         let from_pods = feed(
             queue.clone(),
             self.pods.subscribe(),
@@ -94,7 +104,20 @@ impl DeploymentController {
                 let namespace = pod.namespace().unwrap_or_default();
                 replicasets
                     .get(Some(&namespace), &owner.name)
-                    .and_then(|rs| controller_of(&*rs).filter(|o| o.kind == "Deployment").cloned())
+                    .and_then(|rs| {
+                        controller_of(&*rs)
+                            .filter(|o| o.kind == "Deployment")
+                            .cloned()
+                    })
+                    .filter(|d| {
+                        owners.get(Some(&namespace), &d.name).is_some_and(|d| {
+                            d.spec
+                                .as_ref()
+                                .and_then(|s| s.strategy.as_ref())
+                                .and_then(|s| s.type_.as_deref())
+                                == Some("Recreate")
+                        })
+                    })
                     .map(|d| vec![format!("{namespace}/{}", d.name)])
                     .unwrap_or_default()
             },
@@ -201,7 +224,11 @@ impl DeploymentController {
     async fn claim_replicasets(&self, deployment: &Deployment) -> anyhow::Result<Vec<ReplicaSet>> {
         let namespace = deployment.namespace().unwrap_or_default();
         let uid = deployment.metadata.uid.clone().unwrap_or_default();
-        let selector = deployment.spec.as_ref().map(|s| s.selector.clone()).unwrap_or_default();
+        let selector = deployment
+            .spec
+            .as_ref()
+            .map(|s| s.selector.clone())
+            .unwrap_or_default();
         let api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), &namespace);
         let mut owned = Vec::new();
         for rs in self.replicasets.in_namespace(&namespace) {
@@ -218,7 +245,8 @@ impl DeploymentController {
                     && deployment.metadata.deletion_timestamp.is_none()
                     && rs.metadata.deletion_timestamp.is_none() =>
                 {
-                    if adopt(&api, &*rs, deployment).await? {
+                    let adopted = adopt(&api, &*rs, deployment).await?;
+                    if adopted {
                         owned.push((*rs).clone());
                     }
                 }
@@ -266,7 +294,10 @@ struct Sync {
 
 impl Sync {
     fn spec(&self) -> &k8s_openapi::api::apps::v1::DeploymentSpec {
-        self.deployment.spec.as_ref().expect("deployments have a spec")
+        self.deployment
+            .spec
+            .as_ref()
+            .expect("deployments have a spec")
     }
 
     fn namespace(&self) -> String {
@@ -318,7 +349,9 @@ impl Sync {
             return (0, 0);
         }
         let default = IntOrString::String("25%".into());
-        let surge = rolling.and_then(|r| r.max_surge.clone()).unwrap_or(default.clone());
+        let surge = rolling
+            .and_then(|r| r.max_surge.clone())
+            .unwrap_or(default.clone());
         let unavailable = rolling
             .and_then(|r| r.max_unavailable.clone())
             .unwrap_or(default);
@@ -352,7 +385,10 @@ impl Sync {
                 let rs_min_ready = rs.spec.as_ref().and_then(|s| s.min_ready_seconds);
                 if current < new_revision || min_ready.unwrap_or(0) != rs_min_ready.unwrap_or(0) {
                     let mut annotations = BTreeMap::new();
-                    annotations.insert(REVISION_ANNOTATION.to_string(), new_revision.max(current).to_string());
+                    annotations.insert(
+                        REVISION_ANNOTATION.to_string(),
+                        new_revision.max(current).to_string(),
+                    );
                     for (key, value) in self.deployment.annotations() {
                         if !ANNOTATIONS_NOT_COPIED.contains(&key.as_str()) {
                             annotations.insert(key.clone(), value.clone());
@@ -364,7 +400,11 @@ impl Sync {
                     });
                     let updated = self
                         .rs_api()
-                        .patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                        .patch(
+                            &rs.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
                         .await
                         .with_context(|| format!("set revision of replicaset {}", rs.name_any()))?;
                     self.replicasets[index] = updated;
@@ -383,7 +423,11 @@ impl Sync {
                 let patch = json!({"metadata": {"annotations": {REVISION_ANNOTATION: revision}}});
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace());
                 self.deployment = api
-                    .patch(&self.deployment.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch(
+                        &self.deployment.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
                     .await
                     .context("set deployment revision")?;
             }
@@ -392,7 +436,11 @@ impl Sync {
     }
 
     async fn create_new_replicaset(&mut self, revision: i64) -> anyhow::Result<usize> {
-        let collision_count = self.deployment.status.as_ref().and_then(|s| s.collision_count);
+        let collision_count = self
+            .deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.collision_count);
         let hash = template_hash(self.template(), collision_count);
         let name = format!("{}-{hash}", self.deployment.name_any());
         let mut template = self.template().clone();
@@ -423,7 +471,10 @@ impl Sync {
         }
         annotations.insert(REVISION_ANNOTATION.into(), revision.to_string());
         annotations.insert(DESIRED_REPLICAS_ANNOTATION.into(), desired.to_string());
-        annotations.insert(MAX_REPLICAS_ANNOTATION.into(), (desired + surge).to_string());
+        annotations.insert(
+            MAX_REPLICAS_ANNOTATION.into(),
+            (desired + surge).to_string(),
+        );
         let mut labels = template_meta.labels.clone().unwrap_or_default();
         labels.insert(POD_TEMPLATE_HASH_LABEL.into(), hash);
         let rs = ReplicaSet {
@@ -448,7 +499,11 @@ impl Sync {
             Err(kube::Error::Api(response)) if response.code == 409 => {
                 // A ReplicaSet of that name exists: ours with our template (the cache was
                 // behind), or a hash collision, resolved as upstream by a new collisionCount.
-                let existing = self.rs_api().get(&name).await.context("get existing replicaset")?;
+                let existing = self
+                    .rs_api()
+                    .get(&name)
+                    .await
+                    .context("get existing replicaset")?;
                 let ours = controller_of(&existing)
                     .is_some_and(|o| Some(&o.uid) == self.deployment.metadata.uid.as_ref());
                 let same = existing
@@ -460,7 +515,8 @@ impl Sync {
                     existing
                 } else {
                     let next = collision_count.unwrap_or(0).wrapping_add(1);
-                    let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace());
+                    let api: Api<Deployment> =
+                        Api::namespaced(self.client.clone(), &self.namespace());
                     api.patch_status(
                         &self.deployment.name_any(),
                         &PatchParams::default(),
@@ -468,7 +524,9 @@ impl Sync {
                     )
                     .await
                     .context("bump collisionCount")?;
-                    anyhow::bail!("replicaset {name} exists with another template: collisionCount is now {next}");
+                    anyhow::bail!(
+                        "replicaset {name} exists with another template: collisionCount is now {next}"
+                    );
                 }
             }
             Err(error) => return Err(error).context(format!("create replicaset {name}")),
@@ -479,7 +537,11 @@ impl Sync {
     }
 
     fn is_recreate(&self) -> bool {
-        self.spec().strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate")
+        self.spec()
+            .strategy
+            .as_ref()
+            .and_then(|s| s.type_.as_deref())
+            == Some("Recreate")
     }
 
     /// Sets a ReplicaSet's replicas (and the annotations that record why), conditional on
@@ -501,7 +563,11 @@ impl Sync {
         tracing::debug!(replicaset = %rs.name_any(), from = replicas_of(rs), to = replicas, "scale");
         let updated = self
             .rs_api()
-            .patch(&rs.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &rs.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
             .with_context(|| format!("scale replicaset {} to {replicas}", rs.name_any()))?;
         self.replicasets[index] = updated;
@@ -525,7 +591,9 @@ impl Sync {
         };
         if let Some(index) = single {
             if replicas_of(&self.replicasets[index]) != desired
-                || self.replicasets[index].annotations().get(DESIRED_REPLICAS_ANNOTATION)
+                || self.replicasets[index]
+                    .annotations()
+                    .get(DESIRED_REPLICAS_ANNOTATION)
                     != Some(&desired.to_string())
             {
                 self.scale_replicaset(index, desired).await?;
@@ -578,7 +646,9 @@ impl Sync {
         }
         // Record the new desired count on every active ReplicaSet so the scaling event ends.
         for index in active {
-            if self.replicasets[index].annotations().get(DESIRED_REPLICAS_ANNOTATION)
+            if self.replicasets[index]
+                .annotations()
+                .get(DESIRED_REPLICAS_ANNOTATION)
                 != Some(&desired.to_string())
             {
                 let replicas = replicas_of(&self.replicasets[index]);
@@ -618,7 +688,10 @@ impl Sync {
             if max_scaled_down > 0 {
                 let mut old_sorted = old.clone();
                 old_sorted.sort_by_key(|&i| {
-                    (self.replicasets[i].metadata.creation_timestamp.clone(), self.replicasets[i].name_any())
+                    (
+                        self.replicasets[i].metadata.creation_timestamp.clone(),
+                        self.replicasets[i].name_any(),
+                    )
                 });
                 // First old replicas that are not available anyway.
                 let mut cleaned = 0;
@@ -716,7 +789,9 @@ impl Sync {
             match self.rs_api().delete(&rs.name_any(), &params).await {
                 Ok(_) => removed.push(index),
                 Err(error) if is_not_found(&error) => removed.push(index),
-                Err(error) => return Err(error).context(format!("delete old replicaset {}", rs.name_any())),
+                Err(error) => {
+                    return Err(error).context(format!("delete old replicaset {}", rs.name_any()));
+                }
             }
         }
         removed.sort_unstable();
@@ -739,11 +814,19 @@ impl Sync {
                     .map(|i| status_of(&self.replicasets[i]).replicas)
                     .unwrap_or(0),
             ),
-            ready_replicas: Some(live.iter().map(|rs| status_of(rs).ready_replicas.unwrap_or(0)).sum()),
+            ready_replicas: Some(
+                live.iter()
+                    .map(|rs| status_of(rs).ready_replicas.unwrap_or(0))
+                    .sum(),
+            ),
             available_replicas: Some(available),
             unavailable_replicas: Some((total_spec - available).max(0)),
             observed_generation: Some(self.observed_generation()),
-            collision_count: self.deployment.status.as_ref().and_then(|s| s.collision_count),
+            collision_count: self
+                .deployment
+                .status
+                .as_ref()
+                .and_then(|s| s.collision_count),
             ..DeploymentStatus::default()
         }
     }
@@ -761,7 +844,11 @@ impl Sync {
             &mut conditions,
             "Available",
             available_ok,
-            if available_ok { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" },
+            if available_ok {
+                "MinimumReplicasAvailable"
+            } else {
+                "MinimumReplicasUnavailable"
+            },
             if available_ok {
                 "Deployment has minimum availability."
             } else {
@@ -777,7 +864,14 @@ impl Sync {
             && status.available_replicas == Some(desired);
         let deadline = self.spec().progress_deadline_seconds.unwrap_or(600);
         if paused {
-            set_condition(&mut conditions, "Progressing", false, "DeploymentPaused", "Deployment is paused", now);
+            set_condition(
+                &mut conditions,
+                "Progressing",
+                false,
+                "DeploymentPaused",
+                "Deployment is paused",
+                now,
+            );
         } else if complete && let Some(new_name) = &new_name {
             set_condition(
                 &mut conditions,
@@ -789,14 +883,33 @@ impl Sync {
             );
         } else {
             let progressed = match &self.progress {
-                Some(Progress::Created(name)) => Some(("NewReplicaSetCreated", format!("Created new replica set \"{name}\""))),
-                _ if status_progressed(&old, &status) || old.conditions.as_ref().is_none_or(|c| !c.iter().any(|c| c.type_ == "Progressing")) => new_name
-                    .as_ref()
-                    .map(|name| ("ReplicaSetUpdated", format!("ReplicaSet \"{name}\" is progressing."))),
-                Some(Progress::Found(name))
-                    if conditions.iter().all(|c| c.type_ != "Progressing" || c.reason.as_deref() == Some("NewReplicaSetAvailable")) =>
+                Some(Progress::Created(name)) => Some((
+                    "NewReplicaSetCreated",
+                    format!("Created new replica set \"{name}\""),
+                )),
+                _ if status_progressed(&old, &status)
+                    || old
+                        .conditions
+                        .as_ref()
+                        .is_none_or(|c| !c.iter().any(|c| c.type_ == "Progressing")) =>
                 {
-                    Some(("FoundNewReplicaSet", format!("Found new replica set \"{name}\"")))
+                    new_name.as_ref().map(|name| {
+                        (
+                            "ReplicaSetUpdated",
+                            format!("ReplicaSet \"{name}\" is progressing."),
+                        )
+                    })
+                }
+                Some(Progress::Found(name))
+                    if conditions.iter().all(|c| {
+                        c.type_ != "Progressing"
+                            || c.reason.as_deref() == Some("NewReplicaSetAvailable")
+                    }) =>
+                {
+                    Some((
+                        "FoundNewReplicaSet",
+                        format!("Found new replica set \"{name}\""),
+                    ))
                 }
                 _ => None,
             };
@@ -811,7 +924,8 @@ impl Sync {
                 .find(|c| c.type_ == "Progressing" && c.status == "True")
                 .and_then(|c| c.last_update_time.as_ref().map(|t| t.0));
             if let Some(last_update) = last_update {
-                let deadline_at = last_update + jiff::SignedDuration::from_secs(i64::from(deadline));
+                let deadline_at =
+                    last_update + jiff::SignedDuration::from_secs(i64::from(deadline));
                 if deadline_at <= now {
                     let name = new_name.clone().unwrap_or_default();
                     set_condition(
@@ -835,7 +949,11 @@ impl Sync {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace());
         let patch = json!({"status": status});
         match api
-            .patch_status(&self.deployment.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(
+                &self.deployment.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
             Ok(_) => Ok(requeue),
@@ -867,7 +985,10 @@ fn set_condition(
 ) {
     let status = if ok { "True" } else { "False" };
     if let Some(existing) = conditions.iter_mut().find(|c| c.type_ == type_) {
-        if existing.status == status && existing.reason.as_deref() == Some(reason) && existing.message.as_deref() == Some(message) {
+        if existing.status == status
+            && existing.reason.as_deref() == Some(reason)
+            && existing.message.as_deref() == Some(message)
+        {
             return;
         }
         if existing.status != status {
@@ -894,7 +1015,10 @@ fn replicas_of(rs: &ReplicaSet) -> i32 {
 }
 
 fn available_of(rs: &ReplicaSet) -> i32 {
-    rs.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0)
+    rs.status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
 }
 
 fn revision_of(rs: &ReplicaSet) -> i64 {
@@ -911,7 +1035,11 @@ pub fn scaled_value(value: &IntOrString, total: i32, round_up: bool) -> i32 {
         IntOrString::String(text) => {
             let percent: i64 = text.trim_end_matches('%').parse().unwrap_or(0);
             let product = percent * i64::from(total);
-            let scaled = if round_up { (product + 99) / 100 } else { product / 100 };
+            let scaled = if round_up {
+                (product + 99) / 100
+            } else {
+                product / 100
+            };
             scaled as i32
         }
     }
@@ -919,7 +1047,11 @@ pub fn scaled_value(value: &IntOrString, total: i32, round_up: bool) -> i32 {
 
 /// Upstream's ResolveFenceposts: maxSurge rounds up, maxUnavailable down, and both zero
 /// means one unavailable so the rollout can move.
-pub fn resolve_fenceposts(max_surge: &IntOrString, max_unavailable: &IntOrString, desired: i32) -> (i32, i32) {
+pub fn resolve_fenceposts(
+    max_surge: &IntOrString,
+    max_unavailable: &IntOrString,
+    desired: i32,
+) -> (i32, i32) {
     let surge = scaled_value(max_surge, desired, true);
     let mut unavailable = scaled_value(max_unavailable, desired, false);
     if surge == 0 && unavailable == 0 {
@@ -929,7 +1061,13 @@ pub fn resolve_fenceposts(max_surge: &IntOrString, max_unavailable: &IntOrString
 }
 
 /// Upstream's NewRSNewReplicas: how far the new ReplicaSet may grow now.
-pub fn new_rs_new_replicas(recreate: bool, desired: i32, max_surge: i32, current_total: i32, new_replicas: i32) -> i32 {
+pub fn new_rs_new_replicas(
+    recreate: bool,
+    desired: i32,
+    max_surge: i32,
+    current_total: i32,
+    new_replicas: i32,
+) -> i32 {
     if recreate {
         return desired;
     }
@@ -945,12 +1083,12 @@ pub fn new_rs_new_replicas(recreate: bool, desired: i32, max_surge: i32, current
 pub fn equal_ignore_hash(a: &PodTemplateSpec, b: &PodTemplateSpec) -> bool {
     fn strip(template: &PodTemplateSpec) -> PodTemplateSpec {
         let mut template = template.clone();
-        if let Some(meta) = template.metadata.as_mut() {
-            if let Some(labels) = meta.labels.as_mut() {
-                labels.remove(POD_TEMPLATE_HASH_LABEL);
-                if labels.is_empty() {
-                    meta.labels = None;
-                }
+        if let Some(meta) = template.metadata.as_mut()
+            && let Some(labels) = meta.labels.as_mut()
+        {
+            labels.remove(POD_TEMPLATE_HASH_LABEL);
+            if labels.is_empty() {
+                meta.labels = None;
             }
         }
         template
@@ -994,10 +1132,22 @@ mod tests {
 
     #[test]
     fn fenceposts_round_surge_up_and_unavailable_down() {
-        assert_eq!(resolve_fenceposts(&percent("25%"), &percent("25%"), 10), (3, 2));
-        assert_eq!(resolve_fenceposts(&percent("25%"), &percent("25%"), 1), (1, 0));
-        assert_eq!(resolve_fenceposts(&IntOrString::Int(0), &IntOrString::Int(0), 5), (0, 1));
-        assert_eq!(resolve_fenceposts(&IntOrString::Int(2), &percent("50%"), 3), (2, 1));
+        assert_eq!(
+            resolve_fenceposts(&percent("25%"), &percent("25%"), 10),
+            (3, 2)
+        );
+        assert_eq!(
+            resolve_fenceposts(&percent("25%"), &percent("25%"), 1),
+            (1, 0)
+        );
+        assert_eq!(
+            resolve_fenceposts(&IntOrString::Int(0), &IntOrString::Int(0), 5),
+            (0, 1)
+        );
+        assert_eq!(
+            resolve_fenceposts(&IntOrString::Int(2), &percent("50%"), 3),
+            (2, 1)
+        );
         assert_eq!(scaled_value(&percent("10%"), 15, true), 2);
         assert_eq!(scaled_value(&percent("10%"), 15, false), 1);
     }
@@ -1025,7 +1175,12 @@ mod tests {
             spec: None,
         };
         let hash = template_hash(&a, None);
-        assert!(hash.len() >= 6 && hash.bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)));
+        assert!(
+            hash.len() >= 6
+                && hash
+                    .bytes()
+                    .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b))
+        );
         assert_ne!(hash, template_hash(&a, Some(1)));
         let b = a.clone();
         a.metadata

@@ -37,6 +37,23 @@ pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 /// How long writes that the slice cache has not shown yet hold back the next pass.
 const WRITE_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// When the writes happened, and each slice's name with the resourceVersion the cache must
+/// reach (None: deleted, must disappear).
+type PendingWrites = (Instant, Vec<(String, Option<u64>)>);
+
+/// Endpoints of one address type and port set, by pod name.
+type SliceGroups = BTreeMap<(String, String), (Vec<EndpointPort>, Vec<(String, Endpoint)>)>;
+
+/// Ready and not-ready addresses of one port set.
+type SubsetGroups = BTreeMap<
+    String,
+    (
+        Vec<CoreEndpointPort>,
+        Vec<EndpointAddress>,
+        Vec<EndpointAddress>,
+    ),
+>;
+
 pub struct EndpointSliceController {
     client: Client,
     services: Cache<Service>,
@@ -45,7 +62,7 @@ pub struct EndpointSliceController {
     endpoints: Cache<Endpoints>,
     /// Per Service, slices it wrote and the resourceVersion the cache must reach (None:
     /// deleted, must disappear), so a lagging cache never makes it create a slice twice.
-    pending_writes: Mutex<HashMap<String, (Instant, Vec<(String, Option<u64>)>)>>,
+    pending_writes: Mutex<HashMap<String, PendingWrites>>,
 }
 
 impl EndpointSliceController {
@@ -69,7 +86,14 @@ impl EndpointSliceController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let services = self.services.clone();
-        let all = move || services.store.state().iter().map(|s| key_of(&**s)).collect();
+        let all = move || {
+            services
+                .store
+                .state()
+                .iter()
+                .map(|s| key_of(&**s))
+                .collect()
+        };
         let from_services = feed(
             queue.clone(),
             self.services.subscribe(),
@@ -111,8 +135,15 @@ impl EndpointSliceController {
                 slice
                     .labels()
                     .get(SERVICE_NAME_LABEL)
-                    .filter(|_| slice.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY))
-                    .map(|service| vec![format!("{}/{service}", slice.namespace().unwrap_or_default())])
+                    .filter(|_| {
+                        slice.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+                    })
+                    .map(|service| {
+                        vec![format!(
+                            "{}/{service}",
+                            slice.namespace().unwrap_or_default()
+                        )]
+                    })
                     .unwrap_or_default()
             },
             all,
@@ -180,11 +211,15 @@ impl EndpointSliceController {
             .filter(|pod| map_selector_matches(selector, pod.labels()))
             .collect();
         self.sync_slices(key, &service, &pods).await?;
-        self.sync_endpoints(&service, &pods).await?;
-        Ok(None)
+        self.sync_endpoints(&service, &pods).await
     }
 
-    async fn sync_slices(&self, key: &str, service: &Service, pods: &[Arc<Pod>]) -> anyhow::Result<()> {
+    async fn sync_slices(
+        &self,
+        key: &str,
+        service: &Service,
+        pods: &[Arc<Pod>],
+    ) -> anyhow::Result<()> {
         let namespace = service.namespace().unwrap_or_default();
         let name = service.name_any();
         let desired = desired_slices(service, pods);
@@ -223,20 +258,28 @@ impl EndpointSliceController {
             match chosen {
                 Some(slice) => {
                     used.insert(slice.name_any());
-                    let owner_ok = slice.metadata.owner_references.as_ref().is_some_and(|refs| {
-                        refs.iter().any(|r| Some(&r.uid) == service.metadata.uid.as_ref())
-                    });
+                    let owner_ok = slice
+                        .metadata
+                        .owner_references
+                        .as_ref()
+                        .is_some_and(|refs| {
+                            refs.iter()
+                                .any(|r| Some(&r.uid) == service.metadata.uid.as_ref())
+                        });
                     let labels_ok = labels.iter().all(|(k, v)| slice.labels().get(k) == Some(v));
                     if slice.endpoints != want.endpoints || !owner_ok || !labels_ok {
                         let mut updated = (*slice).clone();
                         updated.endpoints = want.endpoints.clone();
                         updated.ports = want.ports.clone();
                         updated.metadata.labels = Some(labels.clone());
-                        updated.metadata.owner_references = Some(vec![controller_reference(service)]);
+                        updated.metadata.owner_references =
+                            Some(vec![controller_reference(service)]);
                         let written = api
                             .replace(&slice.name_any(), &PostParams::default(), &updated)
                             .await
-                            .with_context(|| format!("update endpointslice {}", slice.name_any()))?;
+                            .with_context(|| {
+                                format!("update endpointslice {}", slice.name_any())
+                            })?;
                         writes.push((written.name_any(), resource_version_of(&written)));
                     }
                 }
@@ -263,10 +306,16 @@ impl EndpointSliceController {
             writes.push((written.name_any(), resource_version_of(&written)));
         }
         for slice in existing.iter().filter(|s| !used.contains(&s.name_any())) {
-            match api.delete(&slice.name_any(), &DeleteParams::default()).await {
+            match api
+                .delete(&slice.name_any(), &DeleteParams::default())
+                .await
+            {
                 Ok(_) => writes.push((slice.name_any(), None)),
                 Err(error) if is_not_found(&error) => {}
-                Err(error) => return Err(error).context(format!("delete endpointslice {}", slice.name_any())),
+                Err(error) => {
+                    return Err(error)
+                        .context(format!("delete endpointslice {}", slice.name_any()));
+                }
             }
         }
         if !writes.is_empty() {
@@ -278,7 +327,12 @@ impl EndpointSliceController {
         Ok(())
     }
 
-    async fn sync_endpoints(&self, service: &Service, pods: &[Arc<Pod>]) -> anyhow::Result<()> {
+    /// Writes the legacy Endpoints; asks to be called again when the cache is behind.
+    async fn sync_endpoints(
+        &self,
+        service: &Service,
+        pods: &[Arc<Pod>],
+    ) -> anyhow::Result<Option<Duration>> {
         let namespace = service.namespace().unwrap_or_default();
         let name = service.name_any();
         let subsets = endpoints_subsets(service, pods);
@@ -286,9 +340,12 @@ impl EndpointSliceController {
         let wanted_subsets = (!subsets.is_empty()).then_some(subsets);
         match self.endpoints.get(Some(&namespace), &name) {
             Some(current) => {
-                let labels_ok = service.labels().iter().all(|(k, v)| current.labels().get(k) == Some(v));
+                let labels_ok = service
+                    .labels()
+                    .iter()
+                    .all(|(k, v)| current.labels().get(k) == Some(v));
                 if current.subsets == wanted_subsets && labels_ok {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let mut updated = (*current).clone();
                 updated.subsets = wanted_subsets;
@@ -311,15 +368,17 @@ impl EndpointSliceController {
                 };
                 match api.create(&PostParams::default(), &endpoints).await {
                     Ok(_) => {}
-                    // The cache was behind: the next event brings it.
+                    // The cache is behind our own earlier write: look again shortly.
                     Err(kube::Error::Api(response)) if response.code == 409 => {
-                        anyhow::bail!("endpoints {namespace}/{name} exist but are not cached yet")
+                        return Ok(Some(Duration::from_millis(500)));
                     }
-                    Err(error) => return Err(error).context(format!("create endpoints {namespace}/{name}")),
+                    Err(error) => {
+                        return Err(error).context(format!("create endpoints {namespace}/{name}"));
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn delete_endpoints(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
@@ -336,7 +395,11 @@ impl EndpointSliceController {
 }
 
 fn resource_version_of<K: kube::Resource>(object: &K) -> Option<u64> {
-    object.meta().resource_version.as_deref().and_then(|v| v.parse().ok())
+    object
+        .meta()
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
 }
 
 /// A Service's selector, if it has a non-empty one.
@@ -350,7 +413,9 @@ fn selector_of(service: &Service) -> Option<&BTreeMap<String, String>> {
 }
 
 /// Ports compare as sets: order within a slice does not matter.
-fn normalized_ports(ports: &Option<Vec<EndpointPort>>) -> Vec<(Option<String>, Option<i32>, Option<String>)> {
+fn normalized_ports(
+    ports: &Option<Vec<EndpointPort>>,
+) -> Vec<(Option<String>, Option<i32>, Option<String>)> {
     let mut ports: Vec<_> = ports
         .iter()
         .flatten()
@@ -372,7 +437,12 @@ fn pod_has_endpoint(pod: &Pod) -> Option<&str> {
 
 /// Resolves a Service port's targetPort against a pod: a number is itself, a name is the
 /// matching container port's number (None if the pod has no such port).
-pub fn resolve_target_port(target: Option<&IntOrString>, port: i32, protocol: &str, pod: &Pod) -> Option<i32> {
+pub fn resolve_target_port(
+    target: Option<&IntOrString>,
+    port: i32,
+    protocol: &str,
+    pod: &Pod,
+) -> Option<i32> {
     match target {
         None => Some(port),
         Some(IntOrString::Int(0)) => Some(port),
@@ -428,7 +498,7 @@ pub fn desired_slices(service: &Service, pods: &[Arc<Pod>]) -> Vec<DesiredSlice>
         .as_ref()
         .and_then(|s| s.publish_not_ready_addresses)
         .unwrap_or(false);
-    let mut groups: BTreeMap<(String, String), (Vec<EndpointPort>, Vec<(String, Endpoint)>)> = BTreeMap::new();
+    let mut groups = SliceGroups::new();
     for pod in pods {
         let Some(ip) = pod_has_endpoint(pod) else {
             continue;
@@ -454,7 +524,8 @@ pub fn desired_slices(service: &Service, pods: &[Arc<Pod>]) -> Vec<DesiredSlice>
             }),
             ..Endpoint::default()
         };
-        let ports_key = serde_json::to_string(&normalized_ports(&Some(ports.clone()))).unwrap_or_default();
+        let ports_key =
+            serde_json::to_string(&normalized_ports(&Some(ports.clone()))).unwrap_or_default();
         groups
             .entry((address_type.to_string(), ports_key))
             .or_insert_with(|| (ports, Vec::new()))
@@ -491,7 +562,7 @@ pub fn endpoints_subsets(service: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSu
         .as_ref()
         .and_then(|s| s.publish_not_ready_addresses)
         .unwrap_or(false);
-    let mut groups: BTreeMap<String, (Vec<CoreEndpointPort>, Vec<EndpointAddress>, Vec<EndpointAddress>)> = BTreeMap::new();
+    let mut groups = SubsetGroups::new();
     for pod in pods {
         let Some(ip) = pod_has_endpoint(pod) else {
             continue;
@@ -521,7 +592,9 @@ pub fn endpoints_subsets(service: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSu
             ..EndpointAddress::default()
         };
         let key = serde_json::to_string(&ports).unwrap_or_default();
-        let group = groups.entry(key).or_insert_with(|| (ports, Vec::new(), Vec::new()));
+        let group = groups
+            .entry(key)
+            .or_insert_with(|| (ports, Vec::new(), Vec::new()));
         if publish_not_ready || pod_is_ready(pod) {
             group.1.push(address);
         } else {
@@ -545,7 +618,9 @@ pub fn endpoints_subsets(service: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodCondition, PodSpec, PodStatus, ServicePort, ServiceSpec};
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, PodCondition, PodSpec, PodStatus, ServicePort, ServiceSpec,
+    };
 
     fn pod(name: &str, ip: &str, ready: bool, port_name: &str, port: i32) -> Arc<Pod> {
         Arc::new(Pod {
@@ -617,9 +692,18 @@ mod tests {
             .find(|s| s.ports.as_ref().unwrap().first().and_then(|p| p.port) == Some(8080))
             .unwrap();
         assert_eq!(with_8080.endpoints.len(), 2);
-        assert_eq!(with_8080.endpoints[0].conditions.as_ref().unwrap().ready, Some(true));
-        assert_eq!(with_8080.endpoints[1].conditions.as_ref().unwrap().ready, Some(false));
-        assert_eq!(with_8080.endpoints[1].conditions.as_ref().unwrap().serving, Some(false));
+        assert_eq!(
+            with_8080.endpoints[0].conditions.as_ref().unwrap().ready,
+            Some(true)
+        );
+        assert_eq!(
+            with_8080.endpoints[1].conditions.as_ref().unwrap().ready,
+            Some(false)
+        );
+        assert_eq!(
+            with_8080.endpoints[1].conditions.as_ref().unwrap().serving,
+            Some(false)
+        );
         let subsets = endpoints_subsets(&service(), &pods);
         let subset = subsets
             .iter()
@@ -632,7 +716,15 @@ mod tests {
     #[test]
     fn slices_hold_at_most_a_hundred_endpoints() {
         let pods: Vec<_> = (0..250)
-            .map(|i| pod(&format!("p{i:03}"), &format!("10.0.{}.{}", i / 200, i % 200 + 1), true, "web", 8080))
+            .map(|i| {
+                pod(
+                    &format!("p{i:03}"),
+                    &format!("10.0.{}.{}", i / 200, i % 200 + 1),
+                    true,
+                    "web",
+                    8080,
+                )
+            })
             .collect();
         let slices = desired_slices(&service(), &pods);
         let sizes: Vec<_> = slices.iter().map(|s| s.endpoints.len()).collect();
@@ -642,11 +734,20 @@ mod tests {
     #[test]
     fn terminating_pods_serve_but_are_not_ready() {
         let mut terminating = (*pod("t", "10.0.0.9", true, "web", 8080)).clone();
-        terminating.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        terminating.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        );
         let slices = desired_slices(&service(), &[Arc::new(terminating.clone())]);
         let conditions = slices[0].endpoints[0].conditions.clone().unwrap();
-        assert_eq!((conditions.ready, conditions.serving, conditions.terminating), (Some(false), Some(true), Some(true)));
+        assert_eq!(
+            (conditions.ready, conditions.serving, conditions.terminating),
+            (Some(false), Some(true), Some(true))
+        );
         assert!(endpoints_subsets(&service(), &[Arc::new(terminating)]).is_empty());
-        assert_eq!(desired_slices(&service(), &[]).len(), 1, "an empty slice stays");
+        assert_eq!(
+            desired_slices(&service(), &[]).len(),
+            1,
+            "an empty slice stays"
+        );
     }
 }

@@ -42,7 +42,12 @@ pub const KNOWN_KINDS: &[(&str, &str, &str, bool)] = &[
     ("apps/v1", "Deployment", "deployments", true),
     ("apps/v1", "ReplicaSet", "replicasets", true),
     ("apps/v1", "DaemonSet", "daemonsets", true),
-    ("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", true),
+    (
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+    ),
     ("coordination.k8s.io/v1", "Lease", "leases", true),
 ];
 
@@ -132,9 +137,18 @@ pub struct GarbageCollector {
 }
 
 /// Forwards a cache's changes into the collector's event stream.
-fn forward<K>(cache: &Cache<K>, sender: mpsc::UnboundedSender<GraphEvent>) -> impl std::future::Future<Output = ()> + Send + 'static
+fn forward<K>(
+    cache: &Cache<K>,
+    sender: mpsc::UnboundedSender<GraphEvent>,
+) -> impl std::future::Future<Output = ()> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let mut changes = cache.subscribe();
     let cache = cache.clone();
@@ -145,7 +159,12 @@ where
                 Change::Deleted(object) => GraphNode::of(&*object).map(GraphEvent::Remove),
                 Change::Resynced => Some(GraphEvent::Replace(
                     K::kind(&()).into_owned(),
-                    cache.store.state().iter().filter_map(|o| GraphNode::of(&**o)).collect(),
+                    cache
+                        .store
+                        .state()
+                        .iter()
+                        .filter_map(|o| GraphNode::of(&**o))
+                        .collect(),
                 )),
             };
             if let Some(event) = event
@@ -180,9 +199,16 @@ impl Default for Sources {
 impl Sources {
     pub fn add<K>(&mut self, cache: &Cache<K>)
     where
-        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
     {
-        self.tasks.push(Box::pin(forward(cache, self.sender.clone())));
+        self.tasks
+            .push(Box::pin(forward(cache, self.sender.clone())));
         let store = cache.store.clone();
         self.ready.push(Box::pin(async move {
             let _ = store.wait_until_ready().await;
@@ -231,36 +257,42 @@ impl GarbageCollector {
     fn apply(&self, event: GraphEvent) -> Vec<String> {
         let mut graph = self.graph.lock().expect("graph lock");
         let mut touched = Vec::new();
-        let mut touch_node = |graph: &Graph, node: &GraphNode, touched: &mut Vec<String>| {
-            touched.push(node.uid.clone());
-            // Owners wait on their dependents (foreground); dependents on their owners.
-            touched.extend(node.owners.iter().map(|o| o.uid.clone()));
-            touched.extend(graph.dependents_of(&node.uid).into_iter().map(|d| d.uid));
-        };
+        // An object is looked at on its own changes. Its owners (waiting in foreground
+        // deletion) and its dependents (judging their owners) only when it goes away or is
+        // being deleted: an owner's status updates must not wake its thousands of pods.
+        let touch_node =
+            |graph: &Graph, node: &GraphNode, gone: bool, touched: &mut Vec<String>| {
+                touched.push(node.uid.clone());
+                if gone || node.deleting {
+                    touched.extend(node.owners.iter().map(|o| o.uid.clone()));
+                    touched.extend(graph.dependents_of(&node.uid).into_iter().map(|d| d.uid));
+                }
+            };
         match event {
             GraphEvent::Upsert(node) => {
                 graph.insert(node.clone());
-                touch_node(&graph, &node, &mut touched);
+                touch_node(&graph, &node, false, &mut touched);
             }
             GraphEvent::Remove(node) => {
                 graph.remove(&node.uid);
-                touch_node(&graph, &node, &mut touched);
+                touch_node(&graph, &node, true, &mut touched);
             }
             GraphEvent::Replace(kind, nodes) => {
+                let listed: HashSet<&str> = nodes.iter().map(|n| n.uid.as_str()).collect();
                 let stale: Vec<String> = graph
                     .nodes
                     .values()
-                    .filter(|n| n.kind == kind)
+                    .filter(|n| n.kind == kind && !listed.contains(n.uid.as_str()))
                     .map(|n| n.uid.clone())
                     .collect();
                 for uid in stale {
                     if let Some(node) = graph.remove(&uid) {
-                        touch_node(&graph, &node, &mut touched);
+                        touch_node(&graph, &node, true, &mut touched);
                     }
                 }
                 for node in nodes {
                     graph.insert(node.clone());
-                    touch_node(&graph, &node, &mut touched);
+                    touch_node(&graph, &node, false, &mut touched);
                 }
             }
         }
@@ -287,7 +319,8 @@ impl GarbageCollector {
         };
         if node.deleting && node.finalizers.iter().any(|f| f == ORPHAN_FINALIZER) {
             for dependent in &dependents {
-                self.remove_owner_references(dependent, &[uid.to_string()]).await?;
+                self.remove_owner_references(dependent, &[uid.to_string()])
+                    .await?;
             }
             self.remove_finalizer(&node, ORPHAN_FINALIZER).await?;
             return Ok(None);
@@ -325,10 +358,21 @@ impl GarbageCollector {
         let mut absent = Vec::new();
         let mut waiting_on_foreground = false;
         for owner in &node.owners {
-            let in_graph = self.graph.lock().expect("graph lock").nodes.get(&owner.uid).cloned();
+            let in_graph = self
+                .graph
+                .lock()
+                .expect("graph lock")
+                .nodes
+                .get(&owner.uid)
+                .cloned();
             match in_graph {
                 Some(owner_node) => {
-                    if owner_node.deleting && owner_node.finalizers.iter().any(|f| f == FOREGROUND_FINALIZER) {
+                    if owner_node.deleting
+                        && owner_node
+                            .finalizers
+                            .iter()
+                            .any(|f| f == FOREGROUND_FINALIZER)
+                    {
                         waiting_on_foreground = true;
                     }
                 }
@@ -359,7 +403,12 @@ impl GarbageCollector {
         Ok(None)
     }
 
-    fn api_for(&self, api_version: &str, kind: &str, namespace: Option<&str>) -> Option<Api<DynamicObject>> {
+    fn api_for(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+    ) -> Option<Api<DynamicObject>> {
         let (_, _, plural, namespaced) = KNOWN_KINDS
             .iter()
             .find(|(v, k, _, _)| *v == api_version && *k == kind)?;
@@ -367,9 +416,12 @@ impl GarbageCollector {
             Some((group, version)) => (group, version),
             None => ("", api_version),
         };
-        let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let resource =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
         Some(match (namespaced, namespace) {
-            (true, Some(namespace)) => Api::namespaced_with(self.client.clone(), namespace, &resource),
+            (true, Some(namespace)) => {
+                Api::namespaced_with(self.client.clone(), namespace, &resource)
+            }
             (true, None) => return None,
             (false, _) => Api::all_with(self.client.clone(), &resource),
         })
@@ -377,19 +429,32 @@ impl GarbageCollector {
 
     /// Whether the owner still exists with the referenced uid, asked of the API server;
     /// None when its kind is unknown.
-    async fn owner_exists(&self, dependent: &GraphNode, owner: &OwnerReference) -> anyhow::Result<Option<bool>> {
-        let Some(api) = self.api_for(&owner.api_version, &owner.kind, dependent.namespace.as_deref()) else {
+    async fn owner_exists(
+        &self,
+        dependent: &GraphNode,
+        owner: &OwnerReference,
+    ) -> anyhow::Result<Option<bool>> {
+        let Some(api) = self.api_for(
+            &owner.api_version,
+            &owner.kind,
+            dependent.namespace.as_deref(),
+        ) else {
             return Ok(None);
         };
         match api.get(&owner.name).await {
-            Ok(found) => Ok(Some(found.metadata.uid.as_deref() == Some(owner.uid.as_str()))),
+            Ok(found) => Ok(Some(
+                found.metadata.uid.as_deref() == Some(owner.uid.as_str()),
+            )),
             Err(error) if is_not_found(&error) => Ok(Some(false)),
-            Err(error) => Err(error).context(format!("look up owner {} {}", owner.kind, owner.name)),
+            Err(error) => {
+                Err(error).context(format!("look up owner {} {}", owner.kind, owner.name))
+            }
         }
     }
 
     async fn delete(&self, node: &GraphNode, policy: PropagationPolicy) -> anyhow::Result<()> {
-        let Some(api) = self.api_for(&node.api_version, &node.kind, node.namespace.as_deref()) else {
+        let Some(api) = self.api_for(&node.api_version, &node.kind, node.namespace.as_deref())
+        else {
             return Ok(());
         };
         let params = DeleteParams {
@@ -409,11 +474,16 @@ impl GarbageCollector {
         }
     }
 
-    async fn remove_owner_references(&self, node: &GraphNode, owner_uids: &[String]) -> anyhow::Result<()> {
+    async fn remove_owner_references(
+        &self,
+        node: &GraphNode,
+        owner_uids: &[String],
+    ) -> anyhow::Result<()> {
         if !node.owners.iter().any(|o| owner_uids.contains(&o.uid)) {
             return Ok(());
         }
-        let Some(api) = self.api_for(&node.api_version, &node.kind, node.namespace.as_deref()) else {
+        let Some(api) = self.api_for(&node.api_version, &node.kind, node.namespace.as_deref())
+        else {
             return Ok(());
         };
         let remaining: Vec<&OwnerReference> = node
@@ -426,15 +496,22 @@ impl GarbageCollector {
             "uid": node.uid,
             "resourceVersion": node.resource_version,
         }});
-        match api.patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match api
+            .patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(error) if is_not_found(&error) => Ok(()),
-            Err(error) => Err(error).context(format!("remove owner references of {} {}", node.kind, node.name)),
+            Err(error) => Err(error).context(format!(
+                "remove owner references of {} {}",
+                node.kind, node.name
+            )),
         }
     }
 
     async fn remove_finalizer(&self, node: &GraphNode, finalizer: &str) -> anyhow::Result<()> {
-        let Some(api) = self.api_for(&node.api_version, &node.kind, node.namespace.as_deref()) else {
+        let Some(api) = self.api_for(&node.api_version, &node.kind, node.namespace.as_deref())
+        else {
             return Ok(());
         };
         let remaining: Vec<&String> = node.finalizers.iter().filter(|f| *f != finalizer).collect();
@@ -442,10 +519,16 @@ impl GarbageCollector {
             "finalizers": remaining,
             "resourceVersion": node.resource_version,
         }});
-        match api.patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match api
+            .patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(error) if is_not_found(&error) => Ok(()),
-            Err(error) => Err(error).context(format!("remove finalizer {finalizer} of {} {}", node.kind, node.name)),
+            Err(error) => Err(error).context(format!(
+                "remove finalizer {finalizer} of {} {}",
+                node.kind, node.name
+            )),
         }
     }
 }
@@ -483,7 +566,11 @@ mod tests {
         graph.insert(node("rs", &[]));
         graph.insert(node("a", &["rs"]));
         graph.insert(node("b", &["rs"]));
-        let mut names: Vec<_> = graph.dependents_of("rs").into_iter().map(|n| n.uid).collect();
+        let mut names: Vec<_> = graph
+            .dependents_of("rs")
+            .into_iter()
+            .map(|n| n.uid)
+            .collect();
         names.sort();
         assert_eq!(names, ["a", "b"]);
         // An update that drops the owner moves the object out of the index.

@@ -61,7 +61,14 @@ impl ReplicaSetController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let replicasets = self.replicasets.clone();
-        let all = move || replicasets.store.state().iter().map(|rs| key_of(&**rs)).collect();
+        let all = move || {
+            replicasets
+                .store
+                .state()
+                .iter()
+                .map(|rs| key_of(&**rs))
+                .collect()
+        };
         let from_replicasets = feed(
             queue.clone(),
             self.replicasets.subscribe(),
@@ -99,7 +106,8 @@ impl ReplicaSetController {
             .retain(|name| self.pods.get(Some(namespace), name).is_none());
         expectations.deletions.retain(|(name, uid)| {
             self.pods.get(Some(namespace), name).is_some_and(|pod| {
-                pod.metadata.uid.as_deref() == Some(uid) && pod.metadata.deletion_timestamp.is_none()
+                pod.metadata.uid.as_deref() == Some(uid)
+                    && pod.metadata.deletion_timestamp.is_none()
             })
         });
         let timed_out = expectations
@@ -123,7 +131,11 @@ impl ReplicaSetController {
             return Ok(None);
         };
         let rs_uid = rs.metadata.uid.clone().unwrap_or_default();
-        let selector = rs.spec.as_ref().map(|s| s.selector.clone()).unwrap_or_default();
+        let selector = rs
+            .spec
+            .as_ref()
+            .map(|s| s.selector.clone())
+            .unwrap_or_default();
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
 
         // Claim: owned pods that still match, plus orphans that match (adopted).
@@ -143,7 +155,8 @@ impl ReplicaSetController {
                 }
                 Some(_) => {}
                 None if matches && rs.metadata.deletion_timestamp.is_none() => {
-                    if adopt(&pods_api, &*pod, &*rs).await? {
+                    let adopted = adopt(&pods_api, &*pod, &*rs).await?;
+                    if adopted {
                         owned.push(pod);
                     }
                 }
@@ -151,13 +164,18 @@ impl ReplicaSetController {
             }
         }
 
-        let desired = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
+        let desired = rs
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1)
+            .max(0) as usize;
         let mut manage_error = None;
-        if rs.metadata.deletion_timestamp.is_none() && self.expectations_satisfied(key, namespace)
+        if rs.metadata.deletion_timestamp.is_none()
+            && self.expectations_satisfied(key, namespace)
+            && let Err(error) = self.manage_replicas(key, &rs, &owned, desired).await
         {
-            if let Err(error) = self.manage_replicas(key, &rs, &owned, desired).await {
-                manage_error = Some(error);
-            }
+            manage_error = Some(error);
         }
 
         let requeue = self.update_status(&rs, &owned).await?;
@@ -222,7 +240,9 @@ impl ReplicaSetController {
             let mut first_error = None;
             for (pod, result) in victims.iter().zip(results) {
                 match result {
-                    Ok(_) => deleted.push((pod.name_any(), pod.metadata.uid.clone().unwrap_or_default())),
+                    Ok(_) => {
+                        deleted.push((pod.name_any(), pod.metadata.uid.clone().unwrap_or_default()))
+                    }
                     Err(error) if is_not_found(&error) => {}
                     Err(error) => {
                         first_error.get_or_insert(error);
@@ -250,7 +270,11 @@ impl ReplicaSetController {
         rs: &ReplicaSet,
         owned: &[Arc<Pod>],
     ) -> anyhow::Result<Option<Duration>> {
-        let min_ready_seconds = rs.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0);
+        let min_ready_seconds = rs
+            .spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0);
         let template_labels = rs
             .spec
             .as_ref()
@@ -299,7 +323,11 @@ impl ReplicaSetController {
                 "observedGeneration": observed_generation,
             }});
             match api
-                .patch_status(&rs.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(
+                    &rs.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -358,7 +386,16 @@ pub fn pod_from_template(rs: &ReplicaSet) -> anyhow::Result<Pod> {
 /// Pending before Unknown before Running, not ready before ready, ready for less time
 /// before longer, more restarts before fewer, newer before older.
 pub fn pods_to_delete(pods: &[Arc<Pod>], count: usize) -> Vec<Arc<Pod>> {
-    fn rank(pod: &Pod) -> (u8, u8, u8, std::cmp::Reverse<i64>, std::cmp::Reverse<i32>, std::cmp::Reverse<i64>) {
+    fn rank(
+        pod: &Pod,
+    ) -> (
+        u8,
+        u8,
+        u8,
+        std::cmp::Reverse<i64>,
+        std::cmp::Reverse<i32>,
+        std::cmp::Reverse<i64>,
+    ) {
         let scheduled = pod
             .spec
             .as_ref()
@@ -448,6 +485,9 @@ mod tests {
             .iter()
             .map(|p| p.name_any())
             .collect();
-        assert_eq!(names, ["unscheduled", "not-ready", "running-new", "running-old"]);
+        assert_eq!(
+            names,
+            ["unscheduled", "not-ready", "running-new", "running-old"]
+        );
     }
 }

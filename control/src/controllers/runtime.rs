@@ -15,9 +15,9 @@ use futures::StreamExt as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt as _};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt as _;
 use kube::{Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc};
@@ -125,7 +125,10 @@ impl<K> Change<K> {
 /// The key of a namespaced object in a work queue: `namespace/name`.
 pub fn key_of<K: Resource>(object: &K) -> String {
     match object.meta().namespace.as_deref() {
-        Some(namespace) => format!("{namespace}/{}", object.meta().name.as_deref().unwrap_or("")),
+        Some(namespace) => format!(
+            "{namespace}/{}",
+            object.meta().name.as_deref().unwrap_or("")
+        ),
         None => object.meta().name.clone().unwrap_or_default(),
     }
 }
@@ -221,18 +224,23 @@ impl Queue {
 /// Runs `workers` workers that reconcile the keys of `queue` with `reconcile` forever. A
 /// reconcile may ask to be called again after a delay (`Ok(Some(delay))`); one that fails is
 /// retried with a per-key backoff from 100 ms up to 30 s.
-pub async fn run_workers<F, Fut>(name: &'static str, queue: Arc<Queue>, workers: usize, reconcile: F)
-where
+pub async fn run_workers<F, Fut>(
+    name: &'static str,
+    queue: Arc<Queue>,
+    workers: usize,
+    reconcile: F,
+) where
     F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<Option<Duration>>> + Send + 'static,
 {
     let failures: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let mut handles = Vec::new();
+    // A JoinSet aborts its workers when dropped: a controller that loses leadership stops.
+    let mut handles = tokio::task::JoinSet::new();
     for _ in 0..workers.max(1) {
         let queue = queue.clone();
         let reconcile = reconcile.clone();
         let failures = failures.clone();
-        handles.push(tokio::spawn(async move {
+        handles.spawn(async move {
             loop {
                 let key = queue.next().await;
                 let result = reconcile(key.clone()).await;
@@ -243,6 +251,10 @@ where
                         if let Some(delay) = requeue {
                             queue.add_after(key, delay);
                         }
+                    }
+                    Err(error) if is_namespace_terminating(&error) => {
+                        tracing::debug!(controller = name, %key, "namespace terminating; not retrying");
+                        failures.lock().expect("failures lock").remove(&key);
                     }
                     Err(error) => {
                         let attempts = {
@@ -264,11 +276,9 @@ where
                     }
                 }
             }
-        }));
+        });
     }
-    for handle in handles {
-        let _ = handle.await;
-    }
+    while handles.join_next().await.is_some() {}
 }
 
 /// Whether an error is an optimistic-concurrency conflict (retried quietly).
@@ -281,6 +291,20 @@ pub fn is_conflict(error: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether an error is the API server refusing new objects in a namespace that is being
+/// deleted or is gone: nothing to retry, the namespace controller is emptying it (and the
+/// caches will soon show the owner gone).
+pub fn is_namespace_terminating(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<kube::Error>(),
+            Some(kube::Error::Api(response))
+                if (response.code == 403 && response.message.contains("being terminated"))
+                    || (response.code == 404 && response.message.starts_with("namespaces "))
+        )
+    })
+}
+
 /// Whether an error is a 404 from the API server.
 pub fn is_not_found(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(response) if response.code == 404)
@@ -289,8 +313,14 @@ pub fn is_not_found(error: &kube::Error) -> bool {
 /// Whether a label selector selects `labels`. An empty or invalid selector selects nothing,
 /// as for ReplicaSets and Services upstream.
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let empty = selector.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
-        && selector.match_expressions.as_ref().is_none_or(Vec::is_empty);
+    let empty = selector
+        .match_labels
+        .as_ref()
+        .is_none_or(BTreeMap::is_empty)
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(Vec::is_empty);
     if empty {
         return false;
     }
@@ -331,29 +361,26 @@ pub fn controller_reference<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerRe
 
 /// Feeds a queue from a cache: every change to an object enqueues the keys `keys_of` maps
 /// it to; a resync enqueues every key `all_keys` returns.
-pub fn feed<K, F, A>(
+pub async fn feed<K, F, A>(
     queue: Arc<Queue>,
     mut changes: mpsc::UnboundedReceiver<Change<K>>,
     keys_of: F,
     all_keys: A,
-) -> impl Future<Output = ()> + Send + 'static
-where
+) where
     K: Send + Sync + 'static,
     F: Fn(&K) -> Vec<String> + Send + 'static,
     A: Fn() -> Vec<String> + Send + 'static,
 {
-    async move {
-        while let Some(change) = changes.recv().await {
-            match change {
-                Change::Applied(object) | Change::Deleted(object) => {
-                    for key in keys_of(&object) {
-                        queue.add(key);
-                    }
+    while let Some(change) = changes.recv().await {
+        match change {
+            Change::Applied(object) | Change::Deleted(object) => {
+                for key in keys_of(&object) {
+                    queue.add(key);
                 }
-                Change::Resynced => {
-                    for key in all_keys() {
-                        queue.add(key);
-                    }
+            }
+            Change::Resynced => {
+                for key in all_keys() {
+                    queue.add(key);
                 }
             }
         }
@@ -453,7 +480,11 @@ where
         "uid": object.meta().uid,
     }});
     match api
-        .patch(&object.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
+        .patch(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
         .await
     {
         Ok(_) => Ok(true),
@@ -461,7 +492,9 @@ where
         Err(kube::Error::Api(response)) if response.code == 409 || response.code == 422 => {
             Ok(false)
         }
-        Err(error) => Err(anyhow::Error::new(error).context(format!("adopt {}", object.name_any()))),
+        Err(error) => {
+            Err(anyhow::Error::new(error).context(format!("adopt {}", object.name_any())))
+        }
     }
 }
 
@@ -475,12 +508,18 @@ where
         "uid": object.meta().uid,
     }});
     match api
-        .patch(&object.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
+        .patch(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
         .await
     {
         Ok(_) => Ok(()),
         Err(error) if is_not_found(&error) => Ok(()),
-        Err(error) => Err(anyhow::Error::new(error).context(format!("release {}", object.name_any()))),
+        Err(error) => {
+            Err(anyhow::Error::new(error).context(format!("release {}", object.name_any())))
+        }
     }
 }
 
