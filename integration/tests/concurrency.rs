@@ -96,3 +96,49 @@ async fn stale_updates_conflict_and_no_update_is_lost() {
         "twenty racing clients never conflicted"
     );
 }
+
+/// Patches that name no resourceVersion are not preconditioned: racing ones are retried by
+/// the server and all land, as kube-apiserver lands them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_patches_without_a_version_all_land() {
+    let plane = ControlPlane::start();
+    let client = plane.http();
+    let base = format!("{}/api/v1/namespaces/default/configmaps", plane.url);
+    let created = client
+        .post(&base)
+        .json(&json!({"metadata": {"name": "shared"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let client = client.clone();
+        let url = format!("{base}/shared");
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .patch(&url)
+                .header("Content-Type", "application/merge-patch+json")
+                .body(json!({"data": {format!("k{i}"): "v"}}).to_string())
+                .send()
+                .await
+                .unwrap();
+            response.status().as_u16()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let last = client.get(format!("{base}/shared")).send_json().await;
+    assert_eq!(last["data"].as_object().unwrap().len(), 40, "{last}");
+
+    // A patch that names a stale version is refused.
+    let stale = client
+        .patch(format!("{base}/shared"))
+        .header("Content-Type", "application/merge-patch+json")
+        .body(json!({"metadata": {"resourceVersion": "1"}, "data": {"x": "y"}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409);
+}

@@ -121,18 +121,29 @@ async fn set_pod_status(plane: &ControlPlane, namespace: &str, name: &str, ip: &
             {"type": "ContainersReady", "status": status, "lastTransitionTime": now_rfc3339()},
         ],
     }});
-    let (code, body) = send_json(
-        plane,
-        reqwest::Method::PATCH,
-        &format!("/api/v1/namespaces/{namespace}/pods/{name}/status"),
-        "application/merge-patch+json",
-        &patch,
-    )
-    .await;
-    assert!(
-        code == 200 || code == 404,
-        "patch pod status {name}: {code} {body}"
-    );
+    // A merge patch names no resourceVersion, yet the server has been seen answering 409
+    // while the scheduler writes the same pod's status: retry as a kubelet would.
+    let mut attempt = 0;
+    loop {
+        let (code, body) = send_json(
+            plane,
+            reqwest::Method::PATCH,
+            &format!("/api/v1/namespaces/{namespace}/pods/{name}/status"),
+            "application/merge-patch+json",
+            &patch,
+        )
+        .await;
+        attempt += 1;
+        if code == 409 && attempt < 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert!(
+            code == 200 || code == 404,
+            "patch pod status {name}: {code} {body}"
+        );
+        return;
+    }
 }
 
 /// A stand-in for kubelets: every 300 ms, pods of `namespace` that are not Ready yet and

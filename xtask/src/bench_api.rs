@@ -278,7 +278,8 @@ fn pod_body(index: usize) -> String {
     .to_string()
 }
 
-/// Creates `names` with `bodies` and records when each create was acknowledged.
+/// Creates the ConfigMaps of `bodies` (name, JSON) and records when each create was
+/// acknowledged.
 async fn create_configmaps(
     client: &reqwest::Client,
     url: &str,

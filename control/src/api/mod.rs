@@ -67,7 +67,12 @@ pub struct ApiServer {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) allocator: ServiceAllocator,
     pub(crate) config: ApiConfig,
+    /// Read-modify-write of one key is serialized here, so that racing writers to a hot
+    /// object queue instead of spinning on store conflicts. Striped: a key maps to one lock.
+    write_locks: Box<[tokio::sync::Mutex<()>]>,
 }
+
+const WRITE_LOCK_STRIPES: usize = 256;
 
 /// What the request's `Accept` header asks the object in the response to look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,10 +195,22 @@ impl ApiServer {
             store,
             allocator,
             config,
+            write_locks: (0..WRITE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         });
         server.restore_allocations().await?;
         server.bootstrap().await?;
         Ok(server)
+    }
+
+    /// Holds the write lock of `key` for a read-modify-write.
+    pub(crate) async fn lock_key(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let stripe = (hasher.finish() % self.write_locks.len() as u64) as usize;
+        self.write_locks[stripe].lock().await
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

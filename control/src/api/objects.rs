@@ -728,6 +728,7 @@ impl ApiServer {
         let info = request.info;
         let namespace = request.namespace.as_deref();
         let key = info.object_key(namespace, name);
+        let _serialized = self.lock_key(&key).await;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let stored = self.fetch_optional(info, &key, name).await?;
             let Some(stored) = stored else {
@@ -772,9 +773,15 @@ impl ApiServer {
                     new
                 }
             };
+            // A precondition is a version the client named: the body's for an update; for a
+            // patch, only a version the patch itself changed (the patched object otherwise
+            // carries the stored version, which must not turn a retry into a conflict).
             let explicit = match &change {
                 Change::Scale(_) => None,
-                _ => resource_version_of(&new)?,
+                Change::Replace(_) => resource_version_of(&new)?,
+                Change::Patch { .. } => {
+                    resource_version_of(&new)?.filter(|rv| *rv != stored.mod_revision)
+                }
             };
             if explicit.is_some_and(|rv| rv != stored.mod_revision) {
                 return Err(ApiError::stale(info, name));
@@ -890,6 +897,7 @@ impl ApiServer {
         options: &DeleteOptions,
     ) -> Result<Deleted, ApiError> {
         let key = info.object_key(namespace, name);
+        let _serialized = self.lock_key(&key).await;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let stored = self.fetch(info, &key, name).await?;
             let old = decode_stored(&stored)?;
@@ -1091,6 +1099,7 @@ impl ApiServer {
             ));
         }
         let key = info.object_key(request.namespace.as_deref(), &name);
+        let _serialized = self.lock_key(&key).await;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let stored = self.fetch(info, &key, &name).await?;
             let mut pod = decode_stored(&stored)?;

@@ -199,7 +199,7 @@ impl ReplicaSetController {
             let count = (desired - owned.len()).min(BURST_REPLICAS);
             let pod = pod_from_template(rs).context("build pod from template")?;
             let created = Mutex::new(Vec::new());
-            let (_, error) = slow_start_batch(count, |_| {
+            let (_, error) = slow_start_batch(count, 1, |_| {
                 let pods_api = pods_api.clone();
                 let pod = pod.clone();
                 let created = &created;

@@ -387,18 +387,20 @@ pub async fn feed<K, F, A>(
     }
 }
 
-/// Runs `batch`-sized rounds of `calls` growing from 1 as upstream's slowStartBatch does,
+/// Runs rounds of `calls` doubling from `initial_batch` as upstream's slowStartBatch does
+/// (from 1),
 /// stopping after the first round with a failure. Returns how many calls succeeded and the
 /// first error.
 pub async fn slow_start_batch<T, Fut>(
     count: usize,
+    initial_batch: usize,
     mut call: impl FnMut(usize) -> Fut,
 ) -> (usize, Option<anyhow::Error>)
 where
     Fut: Future<Output = anyhow::Result<T>>,
 {
     let mut done = 0;
-    let mut batch = 1;
+    let mut batch = initial_batch.max(1);
     while done < count {
         let size = batch.min(count - done);
         let results = futures::future::join_all((done..done + size).map(&mut call)).await;
@@ -558,7 +560,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_start_stops_at_the_first_failing_round() {
-        let (done, error) = slow_start_batch(10, |i| async move {
+        let (done, error) = slow_start_batch(10, 1, |i| async move {
             if i == 4 {
                 anyhow::bail!("fail {i}")
             }

@@ -56,24 +56,95 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     let (done_sender, mut done_receiver) = mpsc::unbounded_channel();
     let mut scheduler = Scheduler::new(client, done_sender);
     tracing::info!("scheduler started");
+    let mut load = Load::new();
     loop {
         let backoff_deadline = scheduler.next_backoff_deadline();
-        tokio::select! {
+        let turn = tokio::select! {
             event = node_events.next() => match event {
-                Some(Ok(event)) => scheduler.on_node_event(event),
-                Some(Err(error)) => tracing::warn!(%error, "node watch failed; retrying"),
+                Some(Ok(event)) => Turn::Node(event),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "node watch failed; retrying");
+                    continue;
+                }
                 None => anyhow::bail!("the node watch ended"),
             },
             event = pod_events.next() => match event {
-                Some(Ok(event)) => scheduler.on_pod_event(event),
-                Some(Err(error)) => tracing::warn!(%error, "pod watch failed; retrying"),
+                Some(Ok(event)) => Turn::Pod(event),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "pod watch failed; retrying");
+                    continue;
+                }
                 None => anyhow::bail!("the pod watch ended"),
             },
-            Some(done) = done_receiver.recv() => scheduler.on_bind_done(done),
+            Some(done) = done_receiver.recv() => Turn::BindDone(done),
             () = tokio::time::sleep_until(backoff_deadline.unwrap_or_else(Instant::now)),
-                if backoff_deadline.is_some() => scheduler.flush_backoff(),
-            () = std::future::ready(()), if scheduler.can_schedule() => scheduler.schedule_some(),
+                if backoff_deadline.is_some() => Turn::Backoff,
+            () = std::future::ready(()), if scheduler.can_schedule() => Turn::Schedule,
+        };
+        let started = Instant::now();
+        match turn {
+            Turn::Node(event) => scheduler.on_node_event(event),
+            Turn::Pod(event) => scheduler.on_pod_event(event),
+            Turn::BindDone(done) => scheduler.on_bind_done(done),
+            Turn::Backoff => scheduler.flush_backoff(),
+            Turn::Schedule => scheduler.schedule_some(),
         }
+        load.handled(started.elapsed(), &scheduler);
+    }
+}
+
+/// What one turn of the loop handles.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one Turn lives at a time, moved once; boxing would allocate per event"
+)]
+enum Turn {
+    Node(watcher::Event<Node>),
+    Pod(watcher::Event<Pod>),
+    BindDone(BindDone),
+    Backoff,
+    Schedule,
+}
+
+/// Logged every 10 s while there is work: decisions per second and the share of wall time
+/// the task spends handling events and deciding (watch decoding not included), which says
+/// whether the scheduler or the API server holds binding back.
+struct Load {
+    window_start: Instant,
+    handling: Duration,
+    decisions_at_start: u64,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            handling: Duration::ZERO,
+            decisions_at_start: 0,
+        }
+    }
+
+    fn handled(&mut self, took: Duration, scheduler: &Scheduler) {
+        self.handling += took;
+        let window = self.window_start.elapsed();
+        if window < Duration::from_secs(10) {
+            return;
+        }
+        let decided = scheduler.decisions - self.decisions_at_start;
+        if decided > 0 || !scheduler.active.is_empty() {
+            tracing::info!(
+                decisions_per_second = (decided as f64 / window.as_secs_f64()).round(),
+                handling_percent =
+                    (100.0 * self.handling.as_secs_f64() / window.as_secs_f64()).round(),
+                active = scheduler.active.len(),
+                unschedulable = scheduler.unschedulable.len(),
+                binds_in_flight = scheduler.binds_in_flight,
+                "scheduler load"
+            );
+        }
+        self.window_start = Instant::now();
+        self.handling = Duration::ZERO;
+        self.decisions_at_start = scheduler.decisions;
     }
 }
 
@@ -117,6 +188,8 @@ struct Scheduler {
     backoff: BinaryHeap<Reverse<(Instant, PodKey)>>,
     unschedulable: HashSet<PodKey>,
     binds_in_flight: usize,
+    /// Decisions made so far, for the load log.
+    decisions: u64,
     done_sender: mpsc::UnboundedSender<BindDone>,
     reports: Arc<Semaphore>,
     /// Keys seen since a watch (re)started its initial list, to drop what vanished.
@@ -137,6 +210,7 @@ impl Scheduler {
             backoff: BinaryHeap::new(),
             unschedulable: HashSet::new(),
             binds_in_flight: 0,
+            decisions: 0,
             done_sender,
             reports: Arc::new(Semaphore::new(MAX_REPORTS_IN_FLIGHT)),
             relisted_pods: None,
@@ -331,6 +405,7 @@ impl Scheduler {
                 continue;
             }
             decided += 1;
+            self.decisions += 1;
             pending.attempts += 1;
             pending.last_attempt = Some(Instant::now());
             match self.selector.decide(&self.cache, &pending.info) {

@@ -140,7 +140,7 @@ impl Selector {
                 // Reservoir sampling: each of the tied nodes is kept with equal chance.
                 ties += 1;
                 let node_idx = candidate.node_idx;
-                if self.next_random() % ties == 0 {
+                if self.next_random().is_multiple_of(ties) {
                     best_idx = node_idx;
                 }
             }
