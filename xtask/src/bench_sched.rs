@@ -128,6 +128,24 @@ fn pod_body(name: &str) -> String {
     .to_string()
 }
 
+/// `text` without terminal color sequences (the server's log is colored).
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
 /// User plus system CPU seconds `pid` has used so far (0 when unreadable).
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -385,7 +403,7 @@ pub fn run(args: &SchedBenchArgs) -> anyhow::Result<()> {
         let fields = line
             .split_once("scheduler load")
             .map_or("", |(_, rest)| rest);
-        println!("  scheduler load:{fields}");
+        println!("  scheduler load:{}", strip_ansi(fields));
     }
     if report.watch_restarts > 0 {
         println!(

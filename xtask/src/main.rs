@@ -2,6 +2,8 @@
 //! benchmarks.
 
 mod bench_api;
+mod bench_cni;
+mod bench_sched;
 mod cluster;
 
 use std::net::SocketAddr;
@@ -58,6 +60,12 @@ enum Bench {
     /// The API server: create, get, list and watch latency, memory with many pods, and the
     /// fsync floor of the same writes.
     Api(bench_api::ApiBenchArgs),
+    /// The CNI plugin: ADD and DEL latency, sequential and 20 at once, for skiff-cni and the
+    /// reference bridge + host-local plugins in the same run (needs root).
+    Cni(bench_cni::CniBenchArgs),
+    /// The scheduler: hollow nodes, then pods created through the API; pods bound per
+    /// second, creation-to-binding latency, peak memory.
+    Sched(bench_sched::SchedBenchArgs),
 }
 
 fn header(phase: &str) {
@@ -105,10 +113,18 @@ fn main() -> anyhow::Result<ExitCode> {
                 "  api   the API server: creates (paced and unpaced), gets, lists, watch delivery,"
             );
             println!("        memory with 10 000 pods, and the fsync floor of the same writes");
+            println!("  cni   ADD/DEL latency of skiff-cni against the reference plugins");
+            println!("  sched pods bound per second at 5 000 hollow nodes");
         }
         Command::Bench {
             bench: Some(Bench::Api(args)),
         } => bench_api::run(&args)?,
+        Command::Bench {
+            bench: Some(Bench::Cni(args)),
+        } => bench_cni::run(&args)?,
+        Command::Bench {
+            bench: Some(Bench::Sched(args)),
+        } => bench_sched::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
