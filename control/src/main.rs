@@ -182,7 +182,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let client = client_from(Some(&kubeconfig)).await?;
     let scheduler_client = client.clone();
     tokio::spawn(supervise("scheduler", move || {
-        skiff_control::scheduler::run(scheduler_client.clone())
+        skiff_control::scheduler::run_with_leader_election(scheduler_client.clone())
     }));
     tokio::spawn(supervise("controllers", move || {
         skiff_control::controllers::run_workloads(client.clone())
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Scheduler(args) => {
             let client = client_from(args.kubeconfig.as_deref()).await?;
-            skiff_control::scheduler::run(client).await
+            skiff_control::scheduler::run_with_leader_election(client).await
         }
         Command::Controllers(args) => {
             let client = client_from(args.kubeconfig.as_deref()).await?;

@@ -45,6 +45,15 @@ const MAX_REPORTS_IN_FLIGHT: usize = 16;
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Runs the scheduler only while this process holds the `kube-system/skiff-scheduler`
+/// Lease, so that of several control planes exactly one schedules; a standby takes over
+/// when the leader's Lease expires.
+pub async fn run_with_leader_election(client: kube::Client) -> anyhow::Result<()> {
+    let election = crate::controllers::leader::LeaderElectionConfig::new("skiff-scheduler");
+    crate::controllers::leader::run_while_leader(client.clone(), election, || run(client.clone()))
+        .await
+}
+
 /// Runs the scheduler against the API server behind `client` until a watch ends.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     let mut node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
