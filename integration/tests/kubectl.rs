@@ -133,7 +133,9 @@ fn apply_creates_then_is_unchanged_then_configures() {
     assert_ne!(without_sidecar, edited);
     apply(&plane, &without_sidecar);
     let deployment = json(&plane, &["get", "deployment", "web", "-n", "shop"]);
-    let containers = deployment["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert_eq!(containers[0]["name"], "web");
 
@@ -214,10 +216,15 @@ fn get_prints_tables_yaml_json_and_jsonpath() {
     // the objects the manifest made must be there and nothing unlabelled may be.
     let names: Vec<&str> = selected.lines().collect();
     for expected in ["configmap/settings", "deployment.apps/web", "service/web"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
     assert!(
-        names.iter().all(|n| !n.starts_with("secret/") && !n.starts_with("namespace/")),
+        names
+            .iter()
+            .all(|n| !n.starts_with("secret/") && !n.starts_with("namespace/")),
         "{names:?}"
     );
     let none = plane.kubectl(&[
