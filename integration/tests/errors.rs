@@ -3,7 +3,8 @@
 use integration::{ControlPlane, SendJson};
 use serde_json::{Value, json};
 
-async fn status(response: reqwest::Response) -> (u16, Value) {
+async fn status(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("send request");
     let code = response.status().as_u16();
     let body: Value = response.json().await.expect("a Status body");
     assert_eq!(body["kind"], "Status", "{body}");
@@ -22,10 +23,7 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
             .add_root_certificate(reqwest::Certificate::from_pem(&plane.ca_pem).unwrap())
             .build()
             .unwrap()
-            .get(&configmaps)
-            .send()
-            .await
-            .unwrap(),
+            .get(&configmaps),
     )
     .await;
     assert_eq!((code, body["reason"].as_str()), (401, Some("Unauthorized")));
@@ -34,10 +32,7 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
         client
             .post(&configmaps)
             .header("Content-Type", "application/json")
-            .body("{\"metadata\": {\"name\": ")
-            .send()
-            .await
-            .unwrap(),
+            .body("{\"metadata\": {\"name\": "),
     )
     .await;
     assert_eq!(code, 400);
@@ -49,10 +44,7 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
                 "{}/api/v1/namespaces/nowhere/configmaps",
                 plane.url
             ))
-            .json(&json!({"metadata": {"name": "a"}}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"metadata": {"name": "a"}})),
     )
     .await;
     assert_eq!(
@@ -70,10 +62,7 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
     let (code, body) = status(
         client
             .post(&configmaps)
-            .json(&json!({"metadata": {"name": "a"}}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"metadata": {"name": "a"}})),
     )
     .await;
     assert_eq!(
@@ -85,10 +74,7 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
     let (code, body) = status(
         client
             .post(&configmaps)
-            .json(&json!({"metadata": {"name": "Not_Valid"}}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"metadata": {"name": "Not_Valid"}})),
     )
     .await;
     assert_eq!((code, body["reason"].as_str()), (422, Some("Invalid")));
@@ -104,10 +90,7 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
         plane
             .http()
             .post(&configmaps)
-            .json(&json!({"metadata": {"name": "huge"}, "data": {"k": huge}}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"metadata": {"name": "huge"}, "data": {"k": huge}})),
     )
     .await;
     assert_eq!(
@@ -119,44 +102,21 @@ async fn errors_are_statuses_with_the_right_code_and_reason() {
         client
             .post(&configmaps)
             .header("Content-Type", "application/vnd.kubernetes.protobuf")
-            .body(vec![0x6b, 0x38, 0x73, 0x00])
-            .send()
-            .await
-            .unwrap(),
+            .body(vec![0x6b, 0x38, 0x73, 0x00]),
     )
     .await;
     assert_eq!(code, 415);
 
-    let (code, body) = status(
-        client
-            .get(format!("{configmaps}/missing"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (code, body) = status(client.get(format!("{configmaps}/missing"))).await;
     assert_eq!(
         (code, body["message"].as_str()),
         (404, Some("configmaps \"missing\" not found"))
     );
 
-    let (code, body) = status(
-        client
-            .get(format!("{configmaps}?labelSelector=a%20in%20b"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (code, body) = status(client.get(format!("{configmaps}?labelSelector=a%20in%20b"))).await;
     assert_eq!(code, 400, "{body}");
-    let (code, body) = status(
-        client
-            .get(format!("{configmaps}?fieldSelector=spec.bogus%3D1"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (code, body) =
+        status(client.get(format!("{configmaps}?fieldSelector=spec.bogus%3D1"))).await;
     assert_eq!(
         (code, body["message"].as_str()),
         (400, Some("field label not supported: spec.bogus"))
@@ -192,17 +152,10 @@ async fn services_get_addresses_and_conflicts_are_clear() {
     let cluster_ip = created["spec"]["clusterIP"].as_str().unwrap().to_string();
     assert!(cluster_ip.starts_with("10."), "{created}");
 
-    let (code, body) = status(
-        client
-            .post(&services)
-            .json(&service(
-                "clash",
-                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]}),
-            ))
-            .send()
-            .await
-            .unwrap(),
-    )
+    let (code, body) = status(client.post(&services).json(&service(
+        "clash",
+        json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]}),
+    )))
     .await;
     assert_eq!(code, 422, "{body}");
     assert!(
@@ -212,17 +165,10 @@ async fn services_get_addresses_and_conflicts_are_clear() {
             .contains("provided port is already allocated"),
         "{body}"
     );
-    let (code, body) = status(
-        client
-            .post(&services)
-            .json(&service(
-                "clash",
-                json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
-            ))
-            .send()
-            .await
-            .unwrap(),
-    )
+    let (code, body) = status(client.post(&services).json(&service(
+        "clash",
+        json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
+    )))
     .await;
     assert_eq!(code, 422, "{body}");
     assert!(
