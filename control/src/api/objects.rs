@@ -642,28 +642,14 @@ impl ApiServer {
                 "the name of the object ({body_name}) does not match the name on the URL ({name})"
             )));
         }
-        let change = if kind == "Scale" {
-            Change::Scale(Box::new(Change::Replace(body)))
+        let (change, warnings) = if kind == "Scale" {
+            (Change::Replace(body), Vec::new())
         } else {
             let (decoded, warnings) = decode_typed(info, body, mode)?;
-            let (object, status) = self
-                .write(
-                    &request,
-                    &name,
-                    Change::Replace(decoded),
-                    mode,
-                    context.query.dry_run(),
-                )
-                .await?;
-            return Ok(with_warnings(
-                object_response(info, object, context.representation, status),
-                &warnings,
-            ));
+            (Change::Replace(decoded), warnings)
         };
-        let (object, status) = self
-            .write(&request, &name, change, mode, context.query.dry_run())
-            .await?;
-        Ok(json_response(status, &scale_of(&object)))
+        self.write_and_respond(&request, &name, change, mode, &context, &warnings)
+            .await
     }
 
     pub(crate) async fn patch(
@@ -671,7 +657,6 @@ impl ApiServer {
         request: ResourceRequest,
         context: Context,
     ) -> Result<Response<Body>, ApiError> {
-        let info = request.info;
         let name = request.name.clone().unwrap_or_default();
         let mode = FieldValidation::from_query(&context)?;
         let media = context.content_type.split(';').next().unwrap_or("").trim();
@@ -693,27 +678,36 @@ impl ApiServer {
         let patch: Value = serde_json::from_slice(&context.body)
             .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
         let change = Change::Patch { patch_type, patch };
-        if request.subresource.as_deref() == Some("scale") {
-            let (object, status) = self
-                .write(
-                    &request,
-                    &name,
-                    Change::Scale(Box::new(change)),
-                    mode,
-                    context.query.dry_run(),
-                )
-                .await?;
-            return Ok(json_response(status, &scale_of(&object)));
-        }
+        self.write_and_respond(&request, &name, change, mode, &context, &[])
+            .await
+    }
+
+    /// Writes `change` to the object (or, through the `scale` subresource, to its Scale
+    /// view) and answers in the representation the client asked for.
+    async fn write_and_respond(
+        &self,
+        request: &ResourceRequest,
+        name: &str,
+        change: Change,
+        mode: FieldValidation,
+        context: &Context,
+        warnings: &[String],
+    ) -> Result<Response<Body>, ApiError> {
+        let scale = request.subresource.as_deref() == Some("scale");
+        let change = if scale {
+            Change::Scale(Box::new(change))
+        } else {
+            change
+        };
         let (object, status) = self
-            .write(&request, &name, change, mode, context.query.dry_run())
+            .write(request, name, change, mode, context.query.dry_run())
             .await?;
-        Ok(object_response(
-            info,
-            object,
-            context.representation,
-            status,
-        ))
+        let response = if scale {
+            json_response(status, &scale_of(&object))
+        } else {
+            object_response(request.info, object, context.representation, status)
+        };
+        Ok(with_warnings(response, warnings))
     }
 
     /// The read-modify-write loop shared by update, patch and the subresources.
