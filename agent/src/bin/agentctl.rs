@@ -1,0 +1,5 @@
+//! `agentctl`: inspects the node's datapath and pods.
+
+fn main() {
+    println!("agentctl: not yet wired");
+}

@@ -1,0 +1,5 @@
+//! `skiff-agent`: the node agent.
+
+fn main() {
+    println!("skiff-agent: not yet wired");
+}
