@@ -1,8 +1,15 @@
 //! skiff's node agent: the kubelet (pods through containerd, cgroups v2, a pause-less
 //! sandbox), and the pieces `agentctl` shares with it.
 
+pub mod agent;
 pub mod cgroups;
 pub mod cni;
+pub mod config;
 pub mod containerd;
 pub mod image;
+pub mod logs;
+pub mod node;
+pub mod node_api;
+pub mod pods;
+pub mod quantity;
 pub mod sandbox;

@@ -13,6 +13,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
+pub mod containerd;
+pub mod node;
+pub mod oci_image;
+pub mod registry;
+
 /// The directory holding the workspace's binaries for this build profile.
 pub fn binary_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SKIFF_BIN_DIR") {

@@ -19,6 +19,15 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iproute2", "`ip` for network namespaces and veths in tests"),
     ("nftables", "`nft` for the CNI tests' reference rules"),
+    ("containerd", "the container runtime the agent drives through its native API"),
+    ("runc", "the OCI runtime containerd's shim runs containers with"),
+    (
+        "protobuf-compiler",
+        "`protoc`, which containerd-client's build script needs",
+    ),
+    ("docker-registry", "a real OCI registry on loopback for image pull tests"),
+    ("skopeo", "pushes test images to the local registry"),
+    ("busybox-static", "the static binary test images are built from"),
 ];
 
 /// The workspace root (the parent of this crate).

@@ -1,0 +1,155 @@
+//! The daemon: connects to the API server and containerd, registers the Node, and runs
+//! the pod manager, the node status reports and the Lease until it is stopped.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use crate::config::AgentConfig;
+use crate::node::{self, Health, Machine, NodeInfo, Signals};
+use crate::pods::manager::{self, KubePodApi, PodTable};
+use crate::pods::node_runtime::NodeRuntime;
+use crate::pods::worker::WorkerShared;
+
+async fn kube_config(config: &AgentConfig) -> anyhow::Result<kube::Config> {
+    Ok(match &config.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("load kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("find a kubeconfig")?,
+    })
+}
+
+/// The node's address: the flag, or the source address of the route to the API server.
+fn node_ip(config: &AgentConfig, api_url: &str) -> anyhow::Result<IpAddr> {
+    if let Some(ip) = config.node_ip {
+        return Ok(ip);
+    }
+    let authority = api_url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .context("API server URL has no host")?;
+    let target = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    };
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("find the node IP")?;
+    socket
+        .connect(&target)
+        .with_context(|| format!("find the node IP: route to {target}"))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let node_name = config.node_name()?;
+    for dir in [&config.run_dir, &config.state_dir, &config.pod_log_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let kube_config = kube_config(&config).await?;
+    let node_ip = node_ip(&config, &kube_config.cluster_url.to_string())?;
+    let client = kube::Client::try_from(kube_config).context("build the API client")?;
+    let machine = Machine::read(&config.state_dir)?;
+
+    let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+    let runtime = Arc::new(
+        NodeRuntime::start(
+            &config,
+            &node_name,
+            client.clone(),
+            node_ip.to_string(),
+            exits_tx,
+        )
+        .await
+        .context("start the container runtime")?,
+    );
+    let runtime_version = runtime.version().await;
+    let info = NodeInfo {
+        name: &node_name,
+        config: &config,
+        machine: &machine,
+        node_ip,
+        runtime_version: &runtime_version,
+        node_api_port: config.node_api_listen.port(),
+    };
+    let health = |signals: &Signals| Health {
+        memory_pressure: signals.memory_pressure(),
+        disk_pressure: signals.disk_pressure(),
+        pid_pressure: signals.pid_pressure(),
+        unenforced: runtime.unenforced(),
+        not_ready: None,
+    };
+    let signals = Signals::read(&config.state_dir)?;
+    node::register(&client, &info, &health(&signals))
+        .await
+        .context("register the node")?;
+    node::renew_lease(&client, &node_name).await?;
+    tracing::info!(node = %node_name, ip = %node_ip, "node registered");
+
+    let lease = tokio::spawn(node::keep_lease(
+        client.clone(),
+        node_name.clone(),
+        Duration::from_secs(config.lease_renew_seconds.max(1)),
+    ));
+    let table = PodTable::default();
+    let shared = Arc::new(WorkerShared {
+        runtime: runtime.clone(),
+        api: Arc::new(KubePodApi {
+            client: client.clone(),
+        }),
+        host_ip: node_ip.to_string(),
+    });
+    let pods = manager::run(client.clone(), &node_name, shared, table.clone(), exits_rx);
+
+    // Node status: reported at start, when a condition changes, and every
+    // `status_report_seconds` otherwise.
+    let report_period = Duration::from_secs(config.status_report_seconds.max(1));
+    let status_loop = async {
+        let mut last = health(&signals);
+        let mut since_report = Duration::ZERO;
+        let tick = Duration::from_secs(5).min(report_period);
+        loop {
+            tokio::time::sleep(tick).await;
+            since_report += tick;
+            let Ok(signals) = Signals::read(&config.state_dir) else {
+                continue;
+            };
+            let now = health(&signals);
+            if now != last || since_report >= report_period {
+                if let Err(error) = node::report(&client, &info, &now).await {
+                    tracing::warn!(error = format!("{error:#}"), "node status");
+                    continue;
+                }
+                last = now;
+                since_report = Duration::ZERO;
+            }
+        }
+    };
+
+    let result = tokio::select! {
+        result = pods => result,
+        () = status_loop => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = sigterm() => Ok(()),
+    };
+    lease.abort();
+    tracing::info!("agent stopping; pods keep running");
+    result
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

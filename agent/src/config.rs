@@ -1,0 +1,117 @@
+//! The agent's settings: every path, address and limit it uses, from flags (or their
+//! environment variables), so that tests run several agents side by side on one machine.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// How `skiff-agent run` is configured.
+#[derive(Args, Debug, Clone)]
+pub struct AgentConfig {
+    /// The Node's name (default: the machine's hostname).
+    #[arg(long, env = "SKIFF_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for the API server (default: the usual kube-rs discovery).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The address other nodes and the API server reach this node at (InternalIP).
+    #[arg(long, env = "SKIFF_NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+    /// The pod CIDR of this node, when the Node spec does not carry one.
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
+    /// Labels to register the Node with (`key=value`, repeatable).
+    #[arg(long = "node-label", value_parser = parse_key_value)]
+    pub node_labels: Vec<(String, String)>,
+
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub containerd_socket: PathBuf,
+    /// The containerd namespace the agent keeps its containers and images in.
+    #[arg(long, default_value = "skiff")]
+    pub containerd_namespace: String,
+    /// Registries reached over plain HTTP (`host:port`, repeatable), as containerd's
+    /// insecure registries.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+
+    /// The agent's cgroup subtree, relative to the cgroup2 mount (default: the cgroup the
+    /// agent runs in, which under systemd with Delegate=yes is the unit's own).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// The pids limit of each pod (default: unlimited).
+    #[arg(long)]
+    pub pod_pids_limit: Option<u64>,
+
+    /// Runtime state: pod namespaces, sandboxes, CNI result cache.
+    #[arg(long, default_value = "/run/skiff")]
+    pub run_dir: PathBuf,
+    /// Persistent state: volumes of pods.
+    #[arg(long, default_value = "/var/lib/skiff/agent")]
+    pub state_dir: PathBuf,
+    /// Where container logs go (`<dir>/<namespace>_<pod>_<uid>/<container>/<n>.log`).
+    #[arg(long, default_value = "/var/log/pods")]
+    pub pod_log_dir: PathBuf,
+    /// Rotate a container's log when it grows past this many bytes.
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    pub container_log_max_size: u64,
+    /// Rotated log files kept per container, the current one included.
+    #[arg(long, default_value_t = 5)]
+    pub container_log_max_files: u32,
+
+    /// Directory of CNI network configurations (the first `*.conflist` is used).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Directories holding CNI plugin binaries.
+    #[arg(long = "cni-bin-dir", default_values = ["/opt/cni/bin", "/usr/lib/cni"])]
+    pub cni_bin_dirs: Vec<PathBuf>,
+
+    /// Cluster DNS servers written into pods' resolv.conf (dnsPolicy ClusterFirst).
+    #[arg(long = "cluster-dns")]
+    pub cluster_dns: Vec<IpAddr>,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The resolv.conf pods with dnsPolicy Default get.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+
+    /// CPU kept back from pods (Kubernetes quantity, e.g. `100m`).
+    #[arg(long, default_value = "0")]
+    pub reserved_cpu: String,
+    /// Memory kept back from pods (Kubernetes quantity, e.g. `256Mi`).
+    #[arg(long, default_value = "0")]
+    pub reserved_memory: String,
+    /// The most pods this node runs.
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+
+    /// Where the node API (logs, healthz, pods) listens.
+    #[arg(long, default_value = "0.0.0.0:10250")]
+    pub node_api_listen: SocketAddr,
+    /// Seconds between two renewals of the node's Lease.
+    #[arg(long, default_value_t = 10)]
+    pub lease_renew_seconds: u64,
+    /// Seconds between two node status reports when nothing changed.
+    #[arg(long, default_value_t = 60)]
+    pub status_report_seconds: u64,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+impl AgentConfig {
+    /// The node name: the flag, or the machine's hostname as the kubelet does (lowercased).
+    pub fn node_name(&self) -> anyhow::Result<String> {
+        if let Some(name) = &self.node_name {
+            return Ok(name.clone());
+        }
+        let host = nix::unistd::gethostname()?;
+        Ok(host.to_string_lossy().to_lowercase())
+    }
+}

@@ -1,0 +1,14 @@
+//! The pod manager: the kubelet's core. Watches the pods bound to this node and runs one
+//! level-triggered worker per pod that makes the machine match the pod's spec.
+
+pub mod env;
+pub mod manager;
+pub mod model;
+pub mod node_runtime;
+pub mod plan;
+pub mod probe;
+pub mod runtime;
+pub mod spec;
+pub mod status;
+pub mod volumes;
+pub mod worker;

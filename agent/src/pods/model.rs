@@ -1,0 +1,122 @@
+//! What the agent knows about a pod's containers: one record per container instance, read
+//! back from containerd (labels and task state) so that it survives the agent's restarts.
+
+use jiff::Timestamp;
+
+/// The labels the agent puts on every containerd container, so that after a restart it can
+/// tell which pod and which Kubernetes container each one is.
+pub mod labels {
+    pub const POD_UID: &str = "io.kubernetes.pod.uid";
+    pub const POD_NAME: &str = "io.kubernetes.pod.name";
+    pub const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+    pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
+    /// "init" or "app".
+    pub const CONTAINER_KIND: &str = "io.skiff.container.kind";
+    /// The restart count this instance was created for.
+    pub const ATTEMPT: &str = "io.skiff.container.attempt";
+    pub const IMAGE: &str = "io.skiff.container.image";
+    pub const IMAGE_ID: &str = "io.skiff.container.image-id";
+    /// Exit reason decided by the agent (e.g. a liveness kill), written before it kills.
+    pub const LOG_PATH: &str = "io.skiff.container.log-path";
+}
+
+/// Whether a container is one of the pod's init containers or a regular one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Init,
+    App,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Init => "init",
+            Kind::App => "app",
+        }
+    }
+
+    pub fn from_label(text: &str) -> Self {
+        if text == "init" {
+            Kind::Init
+        } else {
+            Kind::App
+        }
+    }
+}
+
+/// The state of one container instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// Created in containerd, its task not started (or not yet known to have started).
+    Created,
+    Running {
+        started_at: Timestamp,
+    },
+    Exited {
+        exit_code: i32,
+        /// "Completed", "Error", "OOMKilled", ...
+        reason: String,
+        started_at: Option<Timestamp>,
+        finished_at: Timestamp,
+    },
+}
+
+/// One container instance as containerd holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRecord {
+    /// The containerd container ID.
+    pub id: String,
+    pub name: String,
+    pub kind: Kind,
+    /// The restart count this instance stands for (0 for the first).
+    pub attempt: u32,
+    pub image: String,
+    pub image_id: String,
+    pub state: RunState,
+}
+
+impl ContainerRecord {
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, RunState::Running { .. } | RunState::Created)
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        match self.state {
+            RunState::Exited { exit_code, .. } => Some(exit_code),
+            _ => None,
+        }
+    }
+}
+
+/// Why a container is waiting, as `containerStatuses[].state.waiting` says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub reason: String,
+    pub message: String,
+}
+
+/// The latest and the previous instance of each container name, newest first.
+pub fn latest<'a>(
+    records: &'a [ContainerRecord],
+    name: &str,
+    kind: Kind,
+) -> Option<&'a ContainerRecord> {
+    records
+        .iter()
+        .filter(|record| record.name == name && record.kind == kind)
+        .max_by_key(|record| record.attempt)
+}
+
+pub fn previous<'a>(
+    records: &'a [ContainerRecord],
+    name: &str,
+    kind: Kind,
+) -> Option<&'a ContainerRecord> {
+    let newest = latest(records, name, kind)?;
+    records
+        .iter()
+        .filter(|record| {
+            record.name == name && record.kind == kind && record.attempt < newest.attempt
+        })
+        .max_by_key(|record| record.attempt)
+}

@@ -1,0 +1,416 @@
+//! Pods run for real: the control plane, a private containerd with runc, and `skiff-agent`
+//! driven by kubectl. Each test starts its own of all three and cleans up everything.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use integration::ControlPlane;
+use integration::containerd::Containerd;
+use integration::node::Node;
+use integration::oci_image::ImageBuilder;
+use serde_json::Value;
+
+const IMAGE: &str = "skiff.test/busybox:1";
+
+struct Cluster {
+    // Dropped in this order: the agent and its pods, then containerd, then the API.
+    node: Node,
+    containerd: Containerd,
+    plane: ControlPlane,
+    _images: tempfile::TempDir,
+}
+
+fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0");
+    assert!(
+        root,
+        "these tests run containers, namespaces and cgroups and need root"
+    );
+}
+
+fn cluster() -> Cluster {
+    require_root();
+    let plane = ControlPlane::start();
+    let containerd = Containerd::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let archive = images.path().join("busybox.tar");
+    ImageBuilder::busybox().write_archive(&archive, "1");
+    let node = Node::start(&plane, &containerd, &[]);
+    node.import_image(&containerd, &archive, IMAGE);
+    Cluster {
+        node,
+        containerd,
+        plane,
+        _images: images,
+    }
+}
+
+impl Cluster {
+    fn apply(&self, manifest: &str) {
+        let output = self.plane.kubectl_stdin(&["apply", "-f", "-"], manifest);
+        assert!(
+            output.status.success(),
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn pod(&self, name: &str) -> Value {
+        let text = self.plane.kubectl(&["get", "pod", name, "-o", "json"]);
+        serde_json::from_str(&text).expect("pod JSON")
+    }
+
+    /// Waits until `check` holds for the pod, failing with the pod and the agent's log.
+    fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pod = self.pod(name);
+            if check(&pod) {
+                return pod;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pod {name}: {what} not reached within {timeout:?}\nstatus: {:#}\nagent log:\n{}",
+                    pod["status"],
+                    self.node.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_gone(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let output = self
+                .plane
+                .kubectl_output(&["get", "pod", name, "-o", "name"]);
+            if !output.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pod {name} still exists after {timeout:?}\nagent log:\n{}",
+                self.node.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn pod_manifest(&self, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n{spec}",
+            node = self.node.name
+        )
+    }
+
+    fn log_file(&self, pod: &Value, container: &str, attempt: u32) -> PathBuf {
+        let meta = &pod["metadata"];
+        self.node
+            .log_dir
+            .join(format!(
+                "{}_{}_{}",
+                meta["namespace"].as_str().unwrap(),
+                meta["name"].as_str().unwrap(),
+                meta["uid"].as_str().unwrap()
+            ))
+            .join(container)
+            .join(format!("{attempt}.log"))
+    }
+}
+
+fn phase(pod: &Value) -> &str {
+    pod["status"]["phase"].as_str().unwrap_or("")
+}
+
+fn condition(pod: &Value, kind: &str) -> String {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_pod_runs_with_its_network_cgroup_and_logs_then_deletes_cleanly() {
+    let cluster = cluster();
+    cluster.apply(&cluster.pod_manifest(
+        "web",
+        &format!(
+            r#"  containers:
+  - name: app
+    image: {IMAGE}
+    command: ["sh", "-c", "echo hello from $(POD_NAME); trap 'echo got TERM; exit 0' TERM; while true; do sleep 0.1; done"]
+    env:
+    - name: POD_NAME
+      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+    resources:
+      requests: {{cpu: 100m, memory: 32Mi}}
+      limits: {{cpu: 200m, memory: 64Mi}}
+"#
+        ),
+    ));
+    let pod = cluster.wait_for("web", "Running and Ready", Duration::from_secs(60), |pod| {
+        phase(pod) == "Running" && condition(pod, "Ready") == "True"
+    });
+    let status = &pod["status"];
+    let ip = status["podIP"].as_str().expect("podIP");
+    assert!(
+        ip.starts_with(&format!("{}.", cluster.node.subnet)),
+        "pod IP {ip} outside the node's subnet"
+    );
+    assert_eq!(status["hostIP"], "127.0.0.1");
+    assert_eq!(status["qosClass"], "Burstable");
+    let container = &status["containerStatuses"][0];
+    assert!(
+        container["containerID"]
+            .as_str()
+            .unwrap()
+            .starts_with("containerd://")
+    );
+    assert!(
+        container["imageID"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert_eq!(container["restartCount"], 0);
+    assert!(container["state"]["running"]["startedAt"].is_string());
+
+    // The output is in the CRI log file.
+    let log_path = cluster.log_file(&pod, "app", 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("hello from web")) {
+        assert!(
+            Instant::now() < deadline,
+            "no output in {}",
+            log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines()
+            .next()
+            .unwrap()
+            .contains(" stdout F hello from web"),
+        "{log}"
+    );
+
+    // The pod's cgroup exists, in the burstable tier, with the container's process in it.
+    let cgroups = cluster.node.pod_cgroups();
+    assert_eq!(cgroups.len(), 1, "{cgroups:?}");
+    assert!(cgroups[0].parent().unwrap().ends_with("burstable"));
+    let procs = std::fs::read_to_string(cgroups[0].join("app").join("cgroup.procs")).unwrap();
+    assert!(
+        !procs.trim().is_empty(),
+        "no process in the container cgroup"
+    );
+
+    // Deletion: SIGTERM reaches the container, then everything is released.
+    cluster
+        .plane
+        .kubectl(&["delete", "pod", "web", "--wait=false"]);
+    cluster.wait_gone("web", Duration::from_secs(30));
+    assert!(
+        cluster.node.pod_cgroups().is_empty(),
+        "pod cgroup left behind"
+    );
+    let sandboxes = skiff_agent::sandbox::list(&cluster.node.run_dir).unwrap();
+    assert!(sandboxes.is_empty(), "sandbox left behind: {sandboxes:?}");
+    let reservations: Vec<_> = walk(&cluster.node.state_dir.join("ipam"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&cluster.node.subnet))
+        })
+        .collect();
+    assert!(
+        reservations.is_empty(),
+        "IP reservation left behind: {reservations:?}"
+    );
+    assert!(!log_path.exists(), "log of a deleted pod left behind");
+    drop(cluster.containerd.ctr(&["containers", "list"]));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_crashing_container_restarts_with_growing_back_off() {
+    let cluster = cluster();
+    cluster.apply(&cluster.pod_manifest(
+        "crash",
+        &format!(
+            r#"  containers:
+  - name: app
+    image: {IMAGE}
+    command: ["sh", "-c", "echo attempt; exit 3"]
+"#
+        ),
+    ));
+    let pod = cluster.wait_for(
+        "crash",
+        "CrashLoopBackOff",
+        Duration::from_secs(30),
+        |pod| {
+            pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                == "CrashLoopBackOff"
+        },
+    );
+    let container = &pod["status"]["containerStatuses"][0];
+    assert_eq!(container["lastState"]["terminated"]["exitCode"], 3);
+    assert_eq!(container["lastState"]["terminated"]["reason"], "Error");
+    let message = container["state"]["waiting"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("back-off 10s restarting failed container=app pod=crash_default("),
+        "{message}"
+    );
+    assert_eq!(phase(&pod), "Running");
+    // After the 10 s back-off it restarts, and the next wait is 20 s.
+    let pod = cluster.wait_for(
+        "crash",
+        "the back-off doubling",
+        Duration::from_secs(30),
+        |pod| {
+            pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("back-off 20s"))
+        },
+    );
+    assert!(
+        pod["status"]["containerStatuses"][0]["restartCount"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+}
+
+#[test]
+fn probes_restart_unhealthy_containers_and_gate_readiness() {
+    let cluster = cluster();
+    cluster.apply(&cluster.pod_manifest(
+        "probed",
+        &format!(
+            r#"  containers:
+  - name: app
+    image: {IMAGE}
+    command: ["sh", "-c", "sleep 2; touch /tmp/ready; sleep 4; rm /tmp/ready; sleep 1000"]
+    readinessProbe:
+      exec: {{command: ["cat", "/tmp/ready"]}}
+      periodSeconds: 1
+      failureThreshold: 1
+  - name: doomed
+    image: {IMAGE}
+    command: ["sh", "-c", "sleep 1000"]
+    livenessProbe:
+      exec: {{command: ["false"]}}
+      initialDelaySeconds: 1
+      periodSeconds: 1
+      failureThreshold: 2
+"#
+        ),
+    ));
+    let ready = |pod: &Value| {
+        pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "app")
+            .is_some_and(|c| c["ready"] == true)
+    };
+    cluster.wait_for("probed", "app ready", Duration::from_secs(30), ready);
+    cluster.wait_for(
+        "probed",
+        "app unready again",
+        Duration::from_secs(30),
+        |pod| !ready(pod) && phase(pod) == "Running",
+    );
+    let pod = cluster.wait_for(
+        "probed",
+        "doomed restarted by its liveness probe",
+        Duration::from_secs(30),
+        |pod| {
+            pod["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["name"] == "doomed")
+                .is_some_and(|c| c["restartCount"].as_u64().unwrap_or(0) >= 1)
+        },
+    );
+    assert_eq!(condition(&pod, "Ready"), "False");
+}
+
+#[test]
+fn killing_the_agent_restarts_no_container() {
+    let mut cluster = cluster();
+    for i in 0..3 {
+        cluster.apply(&cluster.pod_manifest(
+            &format!("steady-{i}"),
+            &format!(
+                r#"  containers:
+  - name: app
+    image: {IMAGE}
+    command: ["sh", "-c", "while true; do sleep 1; done"]
+"#
+            ),
+        ));
+    }
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let pod = cluster.wait_for(
+                &format!("steady-{i}"),
+                "Running",
+                Duration::from_secs(60),
+                |pod| phase(pod) == "Running",
+            );
+            pod["status"]["containerStatuses"][0]["containerID"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    cluster.node.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let Cluster { node, plane, .. } = &mut cluster;
+    node.restart(plane);
+    // Give the new agent time to look at every pod, then check nothing moved.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, id) in ids.iter().enumerate() {
+        let pod = cluster.pod(&format!("steady-{i}"));
+        let container = &pod["status"]["containerStatuses"][0];
+        assert_eq!(phase(&pod), "Running");
+        assert_eq!(
+            container["restartCount"],
+            0,
+            "steady-{i} restarted:\n{}",
+            cluster.node.log()
+        );
+        assert_eq!(container["containerID"].as_str().unwrap(), id);
+    }
+}
