@@ -316,7 +316,8 @@ fn probes_restart_unhealthy_containers_and_gate_readiness() {
     cluster.apply(&cluster.pod_manifest(
         "probed",
         &format!(
-            r#"  containers:
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
   - name: app
     image: {IMAGE}
     command: ["sh", "-c", "sleep 2; touch /tmp/ready; sleep 4; rm /tmp/ready; sleep 1000"]

@@ -102,6 +102,8 @@ struct State {
     last_status: Option<Value>,
     start_time: Option<Timestamp>,
     released: bool,
+    /// Container instances being stopped in the background (liveness kills).
+    stopping: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// Runs one pod until it is deleted and everything of it is gone.
@@ -126,7 +128,7 @@ pub async fn run<R: PodRuntime, A: PodApi>(
                 }
                 return;
             }
-            Some(pod) => match sync(&shared, &pod, &mut state).await {
+            Some(pod) => match sync(&shared, &pod, &wake, &mut state).await {
                 Ok(next) => next,
                 Err(error) => {
                     tracing::warn!(pod = %uid, error = format!("{error:#}"), "sync pod");
@@ -163,8 +165,9 @@ pub async fn run<R: PodRuntime, A: PodApi>(
 
 /// One pass over a live pod. Returns when to look again.
 async fn sync<R: PodRuntime, A: PodApi>(
-    shared: &WorkerShared<R, A>,
-    pod: &Pod,
+    shared: &Arc<WorkerShared<R, A>>,
+    pod: &Arc<Pod>,
+    wake: &Arc<Notify>,
     state: &mut State,
 ) -> anyhow::Result<Option<Timestamp>> {
     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
@@ -216,11 +219,33 @@ async fn sync<R: PodRuntime, A: PodApi>(
     for action in decision.actions {
         match action {
             Action::Kill { id, name, reason } => {
-                tracing::info!(pod = %uid, container = %name, "{reason}");
-                if let Some(record) = records.iter().find(|r| r.id == id) {
-                    runtime.stop(pod, record, grace).await?;
-                    acted = true;
+                // The kill runs beside the worker (it may wait a whole grace period), so
+                // probes and status go on; its end wakes the worker.
+                let Some(record) = records.iter().find(|r| r.id == id).cloned() else {
+                    continue;
+                };
+                if !state
+                    .stopping
+                    .lock()
+                    .expect("stopping lock")
+                    .insert(id.clone())
+                {
+                    continue;
                 }
+                tracing::info!(pod = %uid, container = %name, "{reason}");
+                let (shared, pod, wake, stopping) = (
+                    shared.clone(),
+                    pod.clone(),
+                    wake.clone(),
+                    state.stopping.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Err(error) = shared.runtime.stop(&pod, &record, grace).await {
+                        tracing::warn!(container = %record.name, error = %error, "stop unhealthy container");
+                    }
+                    stopping.lock().expect("stopping lock").remove(&record.id);
+                    wake.notify_one();
+                });
             }
             Action::Start {
                 kind,
@@ -329,7 +354,13 @@ async fn sync<R: PodRuntime, A: PodApi>(
                     .iter()
                     .find(|r| r.name == probe.container && r.kind == Kind::App && r.is_running())
                 {
-                    Some(record) => matches!(runtime.exec(record, &command, timeout).await, Ok(0)),
+                    Some(record) => match runtime.exec(record, &command, timeout).await {
+                        Ok(code) => code == 0,
+                        Err(error) => {
+                            tracing::warn!(container = %record.name, error = %error, "exec probe");
+                            false
+                        }
+                    },
                     None => false,
                 }
             }
