@@ -20,7 +20,7 @@
 //!
 //! **Architecture invariant:** every kernel access goes through the `CgroupFs` seam
 //! (`fs.rs`) on paths built from the configured mount and subtree; nothing here assumes
-//! `/sys/fs/cgroup`. The arithmetic (`resources.rs`, `quantity.rs`) is pure.
+//! `/sys/fs/cgroup`. The arithmetic (`resources.rs`, with `crate::quantity`) is pure.
 //!
 //! All calls block on cgroupfs reads and writes (and [`CgroupManager::remove_pod`] waits
 //! for the kernel to empty the cgroup), so async callers run them on a blocking thread.
@@ -29,7 +29,6 @@ mod error;
 mod fs;
 mod manager;
 mod mount;
-mod quantity;
 mod resources;
 mod usage;
 

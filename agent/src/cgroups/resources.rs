@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::CgroupError;
-use super::quantity::{self, Nanos};
+use crate::quantity::{self, Nanos};
 
 /// The fewest CFS shares a cgroup gets (the kernel's minimum).
 pub const MIN_SHARES: u64 = 2;

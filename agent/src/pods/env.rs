@@ -125,15 +125,13 @@ pub fn resource_value(
                 .flatten()
         })
         .unwrap_or_else(|| "0".to_string());
-    let is_cpu = name == "cpu";
-    let scale = if is_cpu { 1000 } else { 1 };
-    let value = quantity::parse_scaled(&text, scale)?;
+    // Both default divisors are "1": one core, one byte.
+    let value = quantity::parse(&text).ok()?;
     let divisor = divisor
         .filter(|d| !d.is_empty())
-        .and_then(|d| quantity::parse_scaled(d, scale))
-        .unwrap_or(if is_cpu { 1000 } else { 1 })
-        .max(1);
-    Some(((value + divisor - 1) / divisor).to_string())
+        .and_then(|d| quantity::parse(d).ok())
+        .unwrap_or(1_000_000_000);
+    Some(quantity::divide_ceil(value, divisor).to_string())
 }
 
 /// Builds the container's environment.

@@ -200,10 +200,10 @@ impl NodeRuntime {
                                 .expect("owners lock")
                                 .get(&exit.container_id)
                                 .cloned();
-                            if let Some(uid) = owner {
-                                if exits.send(uid).is_err() {
-                                    return;
-                                }
+                            if let Some(uid) = owner
+                                && exits.send(uid).is_err()
+                            {
+                                return;
                             }
                         }
                     }

@@ -381,8 +381,8 @@ mod tests {
         let mut at = now();
         // The first restart is immediate; each later one waits twice as long.
         let mut expected = [10u64, 20, 40, 80, 160, 300, 300].into_iter();
-        let mut attempt = 0;
-        for round in 0..8 {
+        for (attempt, round) in (0..8).enumerate() {
+            let attempt = attempt as u32;
             let records = [exited("app", Kind::App, attempt, 1)];
             let result = plan(&pod, &records, &mut backoffs, &none, at);
             if round > 0 {
@@ -402,7 +402,6 @@ mod tests {
             let result = plan(&pod, &records, &mut backoffs, &none, at);
             assert_eq!(result.actions.len(), 1, "round {round} restarts");
             backoffs.next("app", at);
-            attempt += 1;
         }
     }
 

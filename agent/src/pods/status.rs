@@ -388,7 +388,10 @@ mod tests {
         let always = pod("Always", &["init"], &["app"]);
         assert_eq!(phase(&always, &[], &observed), "Pending");
         let init_done = record("init", Kind::Init, 0, exited(0));
-        assert_eq!(phase(&always, &[init_done.clone()], &observed), "Pending");
+        assert_eq!(
+            phase(&always, std::slice::from_ref(&init_done), &observed),
+            "Pending"
+        );
         let app = record("app", Kind::App, 0, running());
         assert_eq!(
             phase(&always, &[init_done.clone(), app], &observed),
@@ -400,7 +403,10 @@ mod tests {
             "Running"
         );
         let never = pod("Never", &[], &["app"]);
-        assert_eq!(phase(&never, &[crashed.clone()], &observed), "Failed");
+        assert_eq!(
+            phase(&never, std::slice::from_ref(&crashed), &observed),
+            "Failed"
+        );
         assert_eq!(
             phase(&never, &[record("app", Kind::App, 0, exited(0))], &observed),
             "Succeeded"

@@ -13,6 +13,9 @@ use super::env::{Objects, field_value};
 use super::runtime::StartError;
 use super::spec::BindMount;
 
+/// One file of a projected volume: its path in the volume, content and mode.
+type ProjectedFile = (String, Vec<u8>, Option<i32>);
+
 fn config_error(message: String) -> StartError {
     StartError::new("CreateContainerConfigError", message)
 }
@@ -65,11 +68,7 @@ fn io_error(what: &str, path: &Path, error: std::io::Error) -> StartError {
 
 /// Writes the projected files of a configMap, secret or downwardAPI volume: every key, or
 /// only the listed items, with their modes.
-fn write_files(
-    dir: &Path,
-    files: &[(String, Vec<u8>, Option<i32>)],
-    default_mode: i32,
-) -> Result<(), StartError> {
+fn write_files(dir: &Path, files: &[ProjectedFile], default_mode: i32) -> Result<(), StartError> {
     for (relative, content, mode) in files {
         if relative
             .split('/')
@@ -96,7 +95,7 @@ fn select_items(
     items: Option<&Vec<KeyToPath>>,
     kind: &str,
     name: &str,
-) -> Result<Vec<(String, Vec<u8>, Option<i32>)>, StartError> {
+) -> Result<Vec<ProjectedFile>, StartError> {
     match items {
         None => Ok(data
             .into_iter()

@@ -2,7 +2,7 @@
 //! machine holds, acts (start, restart, kill, probe, tear down), and reports status. It
 //! wakes on a spec change, a container exit, a probe or back-off deadline — never polls.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,42 +41,6 @@ pub struct WorkerShared<R, A> {
 const RETRY: Duration = Duration::from_secs(2);
 /// The grace period when the pod object vanished without one (a forced deletion).
 const FORCED_GRACE: Duration = Duration::from_secs(2);
-
-/// The QoS class the kubelet reports (same rules as the API server's).
-pub fn qos_class(pod: &Pod) -> &'static str {
-    let Some(spec) = pod.spec.as_ref() else {
-        return "BestEffort";
-    };
-    let all: Vec<_> = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(spec.containers.iter())
-        .collect();
-    let mut any = false;
-    let mut guaranteed = true;
-    for container in all {
-        let resources = container.resources.as_ref();
-        let requests = resources.and_then(|r| r.requests.as_ref());
-        let limits = resources.and_then(|r| r.limits.as_ref());
-        for resource in ["cpu", "memory"] {
-            let request = requests.and_then(|r| r.get(resource));
-            let limit = limits.and_then(|l| l.get(resource));
-            any |= request.is_some() || limit.is_some();
-            let request = request.or(limit);
-            if limit.is_none() || request.map(|q| &q.0) != limit.map(|q| &q.0) {
-                guaranteed = false;
-            }
-        }
-    }
-    if !any {
-        "BestEffort"
-    } else if guaranteed {
-        "Guaranteed"
-    } else {
-        "Burstable"
-    }
-}
 
 fn grace_period(pod: &Pod) -> Duration {
     let seconds = pod
@@ -450,7 +414,9 @@ async fn report<R, A: PodApi>(
         started: verdicts.started.clone(),
         sandbox_ready: state.sandbox.is_some(),
         terminating: false,
-        qos_class: qos_class(pod).to_string(),
+        qos_class: crate::cgroups::pod_qos(pod)
+            .map_or("BestEffort", |qos| qos.as_str())
+            .to_string(),
     };
     let status = pod_status(pod, records, &observed, Timestamp::now());
     let finished = matches!(status["phase"].as_str(), Some("Succeeded" | "Failed"));
@@ -527,18 +493,4 @@ async fn release<R: PodRuntime, A>(
         }
         Err(error) => tracing::warn!(pod = %uid, error = %error, "release pod"),
     }
-}
-
-/// The names of a pod's containers in `kind`, for the manager.
-pub fn container_names(pod: &Pod) -> BTreeSet<String> {
-    pod.spec
-        .iter()
-        .flat_map(|s| {
-            s.init_containers
-                .iter()
-                .flatten()
-                .chain(s.containers.iter())
-        })
-        .map(|c| c.name.clone())
-        .collect()
 }
