@@ -99,7 +99,9 @@ impl Containerd {
             "mount --make-rslave / && \
              mount -t cgroup2 cgroup2 /sys/fs/cgroup && \
              mount -t tmpfs tmpfs /run/containerd && \
+             {{ sleep infinity & echo $! > '{}'; }} && \
              exec containerd --config '{}'",
+            dir.join("holder.pid").display(),
             config.display()
         );
         let log_file = std::fs::File::create(&log).expect("create containerd log");
@@ -162,6 +164,38 @@ impl Containerd {
         );
     }
 
+    /// `kill -9` of containerd alone: shims and containers keep running.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts containerd again in the same mount namespace (held by a `sleep` started
+    /// with it), where its shims' sockets live, as a restarted containerd unit would.
+    pub fn restart_daemon(&mut self) {
+        self.kill_daemon();
+        let holder = std::fs::read_to_string(self.dir.join("holder.pid"))
+            .expect("read the namespace holder's pid");
+        let _ = std::fs::remove_file(&self.socket);
+        let log_file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("open containerd log");
+        let child = Command::new("nsenter")
+            .arg(format!("--mount=/proc/{}/ns/mnt", holder.trim()))
+            .args(["containerd", "--config"])
+            .arg(self.dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn containerd again");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
     /// The containerd namespace tests use.
     pub fn namespace(&self) -> &'static str {
         NAMESPACE
@@ -211,14 +245,21 @@ impl Containerd {
 
     /// Kills containerd, its shims and their containers, and removes the test cgroups.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        // Also after `kill_daemon`: the shims and the namespace holder outlive containerd.
+        if self.mount_ns.is_empty() {
             return;
-        };
+        }
+        let child = self.child.take();
+        let daemon = child.as_ref().map_or(0, Child::id);
         let socket = self.socket.to_string_lossy().into_owned();
-        let mut victims = processes_of(child.id(), &self.mount_ns, &socket);
-        victims.insert(child.id());
+        let mut victims = processes_of(daemon, &self.mount_ns, &socket);
+        victims.extend(child.as_ref().map(Child::id));
         kill_all(&victims);
-        let _ = child.wait();
+        if let Some(mut child) = child {
+            let _ = child.wait();
+        }
+        // The namespace is gone; never match its (reusable) inode again.
+        self.mount_ns.clear();
         let deadline = Instant::now() + Duration::from_secs(10);
         while victims.iter().any(|pid| process_alive(*pid)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));

@@ -34,13 +34,17 @@ fn require_root() {
 }
 
 fn cluster() -> Cluster {
+    cluster_with(&[])
+}
+
+fn cluster_with(agent_args: &[&str]) -> Cluster {
     require_root();
     let plane = ControlPlane::start();
     let containerd = Containerd::start();
     let images = tempfile::tempdir().expect("temp dir");
     let archive = images.path().join("busybox.tar");
     ImageBuilder::busybox().write_archive(&archive, "1");
-    let node = Node::start(&plane, &containerd, &[]);
+    let node = Node::start(&plane, &containerd, agent_args);
     node.import_image(&containerd, &archive, IMAGE);
     Cluster {
         node,
@@ -369,8 +373,9 @@ fn probes_restart_unhealthy_containers_and_gate_readiness() {
 
 #[test]
 fn killing_the_agent_restarts_no_container() {
+    const PODS: usize = 20;
     let mut cluster = cluster();
-    for i in 0..3 {
+    for i in 0..PODS {
         cluster.apply(&cluster.pod_manifest(
             &format!("steady-{i}"),
             &format!(
@@ -382,7 +387,7 @@ fn killing_the_agent_restarts_no_container() {
             ),
         ));
     }
-    let ids: Vec<String> = (0..3)
+    let ids: Vec<String> = (0..PODS)
         .map(|i| {
             let pod = cluster.wait_for(
                 &format!("steady-{i}"),
@@ -414,4 +419,129 @@ fn killing_the_agent_restarts_no_container() {
         );
         assert_eq!(container["containerID"].as_str().unwrap(), id);
     }
+}
+
+#[test]
+fn containerd_restarts_and_pods_keep_running_without_leaks() {
+    let mut cluster = cluster();
+    for i in 0..3 {
+        cluster.apply(&cluster.pod_manifest(
+            &format!("calm-{i}"),
+            &format!(
+                r#"  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {IMAGE}
+    command: ["sh", "-c", "while true; do sleep 1; done"]
+"#
+            ),
+        ));
+    }
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let pod = cluster.wait_for(
+                &format!("calm-{i}"),
+                "Running",
+                Duration::from_secs(60),
+                |pod| phase(pod) == "Running",
+            );
+            pod["status"]["containerStatuses"][0]["containerID"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    cluster.containerd.kill_daemon();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.containerd.restart_daemon();
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, id) in ids.iter().enumerate() {
+        let pod = cluster.pod(&format!("calm-{i}"));
+        let container = &pod["status"]["containerStatuses"][0];
+        assert_eq!(phase(&pod), "Running", "{:#}", pod["status"]);
+        assert_eq!(
+            container["restartCount"],
+            0,
+            "calm-{i} restarted:\n{}",
+            cluster.node.log()
+        );
+        assert_eq!(container["containerID"].as_str().unwrap(), id);
+    }
+    // A new pod still starts, and deleting everything leaves no IP reserved.
+    cluster.apply(&cluster.pod_manifest(
+        "after",
+        &format!(
+            "  containers:\n  - name: app\n    image: {IMAGE}\n    command: [\"sleep\", \"1000\"]\n"
+        ),
+    ));
+    cluster.wait_for("after", "Running", Duration::from_secs(60), |pod| {
+        phase(pod) == "Running"
+    });
+    cluster.plane.kubectl(&[
+        "delete",
+        "pods",
+        "--all",
+        "--grace-period=1",
+        "--wait=false",
+    ]);
+    for name in ["calm-0", "calm-1", "calm-2", "after"] {
+        cluster.wait_gone(name, Duration::from_secs(30));
+    }
+    let reservations: Vec<_> = walk(&cluster.node.state_dir.join("ipam"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&cluster.node.subnet))
+        })
+        .collect();
+    assert!(
+        reservations.is_empty(),
+        "IP reservations leaked: {reservations:?}"
+    );
+    assert!(cluster.node.pod_cgroups().is_empty(), "pod cgroups leaked");
+}
+
+#[test]
+fn images_are_pulled_and_a_missing_one_backs_off_with_the_registry_reason() {
+    let registry = integration::registry::Registry::start();
+    let layout = tempfile::tempdir().expect("temp dir");
+    ImageBuilder::busybox().write_layout(layout.path(), "2");
+    registry.push_layout(layout.path(), "2", "tools/busybox:2");
+    let cluster = cluster_with(&["--insecure-registry", &registry.address]);
+    let pulled = registry.reference("tools/busybox:2");
+    let missing = registry.reference("tools/nope:1");
+    cluster.apply(&cluster.pod_manifest(
+        "pulled",
+        &format!("  containers:\n  - name: app\n    image: {pulled}\n    command: [\"sleep\", \"1000\"]\n"),
+    ));
+    cluster.apply(&cluster.pod_manifest(
+        "missing",
+        &format!("  containers:\n  - name: app\n    image: {missing}\n"),
+    ));
+    let pod = cluster.wait_for("pulled", "Running", Duration::from_secs(60), |pod| {
+        phase(pod) == "Running"
+    });
+    assert!(
+        pod["status"]["containerStatuses"][0]["imageID"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let waiting = |pod: &Value| pod["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+    // ErrImagePull shows between two pulls only for an instant; the back-off that follows
+    // carries the registry's reason.
+    let pod = cluster.wait_for(
+        "missing",
+        "ImagePullBackOff",
+        Duration::from_secs(30),
+        |pod| waiting(pod)["reason"] == "ImagePullBackOff",
+    );
+    let message = waiting(&pod)["message"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with(&format!(
+            "Back-off 10s pulling image \"{missing}\": ErrImagePull: "
+        )) && message.contains("manifest unknown"),
+        "{message}"
+    );
+    assert_eq!(phase(&pod), "Pending");
 }

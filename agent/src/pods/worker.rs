@@ -66,6 +66,10 @@ struct State {
     last_status: Option<Value>,
     start_time: Option<Timestamp>,
     released: bool,
+    /// The last image pull error of each container, for the ImagePullBackOff message.
+    pull_errors: BTreeMap<String, String>,
+    /// Containers whose last start failed; their waiting reason is that failure's.
+    start_failed: std::collections::BTreeSet<String>,
     /// Container instances being stopped in the background (liveness kills).
     stopping: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
@@ -173,9 +177,12 @@ async fn sync<R: PodRuntime, A: PodApi>(
     if let Some(at) = decision.wake_at {
         earliest(at);
     }
-    // Back-off waits replace any older waiting reason of those containers.
+    // Back-off waits replace older waiting reasons, except the error that made the
+    // container fail to start (CreateContainerConfigError...), which stays the reason.
     for (name, waiting) in decision.waiting.drain(..) {
-        state.waiting.insert(name, waiting);
+        if !state.start_failed.contains(&name) {
+            state.waiting.insert(name, waiting);
+        }
     }
     let mut acted = false;
     let grace = grace_period(pod);
@@ -222,9 +229,12 @@ async fn sync<R: PodRuntime, A: PodApi>(
                         name.clone(),
                         Waiting {
                             reason: "ImagePullBackOff".to_string(),
+                            // As the kubelet (1.31+) says it: the back-off, then the
+                            // error of the last pull.
                             message: format!(
-                                "Back-off {}s pulling image \"{image}\"",
-                                delay.as_secs()
+                                "Back-off {}s pulling image \"{image}\": ErrImagePull: {}",
+                                delay.as_secs(),
+                                state.pull_errors.get(&name).map_or("", String::as_str)
                             ),
                         },
                     );
@@ -253,17 +263,30 @@ async fn sync<R: PodRuntime, A: PodApi>(
         match result {
             Ok(()) => {
                 state.waiting.remove(name);
+                state.start_failed.remove(name);
                 state.pull_backoffs.forget(name);
             }
             Err(error) => {
                 tracing::warn!(pod = %uid, container = %name, error = %error, "start container");
-                if error.is_image_pull() {
-                    state.pull_backoffs.next(name, now);
+                // Pulls back off on their own clock (ImagePullBackOff); other failures like
+                // a crash, so a broken container does not spin (a restart advanced it
+                // already).
+                let backoffs = if error.is_image_pull() {
+                    &mut state.pull_backoffs
+                } else {
+                    &mut state.backoffs
+                };
+                if error.is_image_pull() || attempt == 0 {
+                    backoffs.next(name, now);
                 }
-                // Back off like a crash, so a broken container does not spin.
-                state.backoffs.next(name, now);
-                if let Some((until, _)) = state.backoffs.until(name, now) {
+                if let Some((until, _)) = backoffs.until(name, now) {
                     earliest(until);
+                }
+                state.start_failed.insert(name.clone());
+                if error.is_image_pull() {
+                    state
+                        .pull_errors
+                        .insert(name.clone(), error.message.clone());
                 }
                 state.waiting.insert(
                     name.clone(),
