@@ -36,7 +36,7 @@ pub struct Containerd {
     mount_ns: String,
     cgroup_parent: String,
     /// A directory whose mounts, made on the host, containerd sees too: the agent's run
-    /// directory (pod namespaces) goes under it.
+    /// directory (pod namespaces) and state directory (tmpfs volumes) go under it.
     pub shared_dir: PathBuf,
 }
 

@@ -47,9 +47,11 @@ impl Node {
         let suffix = unique_suffix();
         let name = format!("node-{suffix}");
         let root = temp.path();
+        // The run and state directories hold mounts (pod namespaces, tmpfs volumes) that
+        // runc, in containerd's mount namespace, must see.
         let (run_dir, state_dir, log_dir, cni_dir) = (
             containerd.shared_dir.join(&name),
-            root.join("state"),
+            containerd.shared_dir.join(format!("{name}-state")),
             root.join("logs"),
             root.join("cni"),
         );

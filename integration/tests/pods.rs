@@ -545,3 +545,92 @@ fn images_are_pulled_and_a_missing_one_backs_off_with_the_registry_reason() {
     );
     assert_eq!(phase(&pod), "Pending");
 }
+
+#[test]
+fn volumes_env_and_init_containers_reach_the_container_and_stop_runs_pre_stop_then_term() {
+    let cluster = cluster();
+    let host_dir = tempfile::tempdir().expect("temp dir");
+    cluster.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  greeting: hello\n  mode: fast\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  token: s3cret\n",
+    );
+    cluster.apply(&cluster.pod_manifest(
+        "full",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 10
+  initContainers:
+  - name: prepare
+    image: {IMAGE}
+    command: ["sh", "-c", "echo initialized > /work/init.txt"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: app
+    image: {IMAGE}
+    command: ["sh", "-c", "cat /work/init.txt; echo CFG=$CFG_greeting; echo TOKEN=$TOKEN; echo IP=$MY_IP; cat /etc/settings/mode; echo; cat /etc/creds/token; echo; cat /etc/podinfo/labels; echo; trap 'echo term >> /host/events; exit 0' TERM; while true; do sleep 0.1; done"]
+    envFrom: [{{prefix: CFG_, configMapRef: {{name: settings}}}}]
+    env:
+    - {{name: TOKEN, valueFrom: {{secretKeyRef: {{name: creds, key: token}}}}}}
+    - {{name: MY_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+    lifecycle:
+      preStop:
+        exec: {{command: ["sh", "-c", "echo prestop >> /host/events"]}}
+    volumeMounts:
+    - {{name: work, mountPath: /work}}
+    - {{name: settings, mountPath: /etc/settings}}
+    - {{name: creds, mountPath: /etc/creds}}
+    - {{name: podinfo, mountPath: /etc/podinfo}}
+    - {{name: host, mountPath: /host}}
+  volumes:
+  - {{name: work, emptyDir: {{}}}}
+  - {{name: settings, configMap: {{name: settings}}}}
+  - {{name: creds, secret: {{secretName: creds}}}}
+  - {{name: podinfo, downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]}}}}
+  - {{name: host, hostPath: {{path: {host}, type: Directory}}}}
+"#,
+            host = host_dir.path().display()
+        ),
+    ));
+    let pod = cluster.wait_for("full", "Running", Duration::from_secs(60), |pod| {
+        phase(pod) == "Running"
+    });
+    let init = &pod["status"]["initContainerStatuses"][0];
+    assert_eq!(
+        init["state"]["terminated"]["reason"], "Completed",
+        "{init:#}"
+    );
+    assert_eq!(condition(&pod, "Initialized"), "True");
+    let ip = pod["status"]["podIP"].as_str().unwrap().to_string();
+    let log_path = cluster.log_file(&pod, "app", 0);
+    let expected = [
+        "initialized".to_string(),
+        "CFG=hello".to_string(),
+        "TOKEN=s3cret".to_string(),
+        format!("IP={ip}"),
+        "fast".to_string(),
+        "s3cret".to_string(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter_map(|line| line.splitn(4, ' ').nth(3))
+            .collect();
+        if expected.iter().all(|e| lines.contains(&e.as_str())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container output {lines:?} lacks {expected:?}\n{}",
+            cluster.node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Deletion runs the preStop hook, then SIGTERM, in that order.
+    cluster
+        .plane
+        .kubectl(&["delete", "pod", "full", "--wait=false"]);
+    cluster.wait_gone("full", Duration::from_secs(30));
+    let events = std::fs::read_to_string(host_dir.path().join("events")).unwrap_or_default();
+    assert_eq!(events, "prestop\nterm\n");
+}
