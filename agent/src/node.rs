@@ -21,13 +21,90 @@ use crate::quantity;
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// How long a Lease is valid without renewal, as the kubelet sets it.
 const LEASE_DURATION_SECONDS: i32 = 40;
-/// Hard eviction thresholds, the kubelet's defaults: memory.available<100Mi,
-/// nodefs.available<10%. Below them the node reports pressure and the eviction manager
-/// acts.
-pub const MEMORY_AVAILABLE_THRESHOLD: u64 = 100 << 20;
-pub const NODEFS_AVAILABLE_PERCENT: u64 = 10;
-/// PID pressure when fewer than this share of pid_max is left.
-pub const PID_AVAILABLE_PERCENT: u64 = 5;
+/// The kubelet's default hard eviction thresholds.
+pub const DEFAULT_EVICTION_HARD: &str =
+    "memory.available<100Mi,nodefs.available<10%,pid.available<5%";
+
+/// One eviction threshold: an absolute amount or a share of the capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threshold {
+    Bytes(u64),
+    Percent(u64),
+}
+
+impl Threshold {
+    /// Whether `available` out of `capacity` is below the threshold.
+    pub fn crossed(self, available: u64, capacity: u64) -> bool {
+        match self {
+            Threshold::Bytes(bytes) => available < bytes,
+            Threshold::Percent(percent) => {
+                u128::from(available) * 100 < u128::from(capacity) * u128::from(percent)
+            }
+        }
+    }
+
+    /// The amount this threshold keeps back of `capacity`.
+    pub fn of(self, capacity: u64) -> u64 {
+        match self {
+            Threshold::Bytes(bytes) => bytes.min(capacity),
+            Threshold::Percent(percent) => capacity / 100 * percent,
+        }
+    }
+}
+
+/// Hard eviction thresholds in the kubelet's `--eviction-hard` syntax
+/// (`memory.available<100Mi,nodefs.available<10%,pid.available<5%`). Below them the node
+/// reports pressure and the eviction manager evicts pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub memory_available: Option<Threshold>,
+    pub nodefs_available: Option<Threshold>,
+    pub pid_available: Option<Threshold>,
+}
+
+impl Thresholds {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut thresholds = Thresholds {
+            memory_available: None,
+            nodefs_available: None,
+            pid_available: None,
+        };
+        for item in text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+        {
+            let (signal, value) = item
+                .split_once('<')
+                .ok_or_else(|| format!("eviction threshold {item:?}: expected signal<value"))?;
+            let threshold =
+                match value.strip_suffix('%') {
+                    Some(percent) => {
+                        Threshold::Percent(percent.parse().ok().filter(|p| *p <= 100).ok_or_else(
+                            || format!("eviction threshold {item:?}: bad percentage"),
+                        )?)
+                    }
+                    None => Threshold::Bytes(
+                        quantity::units(value)
+                            .and_then(|v| u64::try_from(v).ok())
+                            .ok_or_else(|| format!("eviction threshold {item:?}: bad quantity"))?,
+                    ),
+                };
+            match signal {
+                "memory.available" => thresholds.memory_available = Some(threshold),
+                "nodefs.available" => thresholds.nodefs_available = Some(threshold),
+                "pid.available" => thresholds.pid_available = Some(threshold),
+                other => {
+                    return Err(format!(
+                        "eviction threshold {item:?}: signal {other:?} is not one of memory.available, nodefs.available, pid.available"
+                    ));
+                }
+            }
+        }
+        Ok(thresholds)
+    }
+}
+
 /// The kubelet version the node reports; kubectl and the scheduler only read it.
 pub const KUBELET_VERSION: &str = "v1.33.0-skiff";
 
@@ -91,6 +168,7 @@ fn meminfo_field(meminfo: &str, field: &str) -> Option<u64> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Signals {
     pub memory_available: u64,
+    pub memory_capacity: u64,
     pub nodefs_available: u64,
     pub nodefs_capacity: u64,
     pub pid_available: u64,
@@ -101,6 +179,7 @@ impl Signals {
     pub fn read(state_dir: &Path) -> anyhow::Result<Self> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").context("read /proc/meminfo")?;
         let memory_available = meminfo_field(&meminfo, "MemAvailable").unwrap_or(0);
+        let memory_capacity = meminfo_field(&meminfo, "MemTotal").unwrap_or(0);
         let disk = nix::sys::statvfs::statvfs(state_dir)
             .with_context(|| format!("statvfs {}", state_dir.display()))?;
         let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
@@ -117,6 +196,7 @@ impl Signals {
             .unwrap_or(0);
         Ok(Self {
             memory_available,
+            memory_capacity,
             nodefs_available: disk.blocks_available() * disk.fragment_size(),
             nodefs_capacity: disk.blocks() * disk.fragment_size(),
             pid_available: pid_max.saturating_sub(tasks),
@@ -124,16 +204,22 @@ impl Signals {
         })
     }
 
-    pub fn memory_pressure(&self) -> bool {
-        self.memory_available < MEMORY_AVAILABLE_THRESHOLD
+    pub fn memory_pressure(&self, thresholds: &Thresholds) -> bool {
+        thresholds
+            .memory_available
+            .is_some_and(|t| t.crossed(self.memory_available, self.memory_capacity))
     }
 
-    pub fn disk_pressure(&self) -> bool {
-        self.nodefs_available * 100 < self.nodefs_capacity * NODEFS_AVAILABLE_PERCENT
+    pub fn disk_pressure(&self, thresholds: &Thresholds) -> bool {
+        thresholds
+            .nodefs_available
+            .is_some_and(|t| t.crossed(self.nodefs_available, self.nodefs_capacity))
     }
 
-    pub fn pid_pressure(&self) -> bool {
-        self.pid_available * 100 < self.pid_max * PID_AVAILABLE_PERCENT
+    pub fn pid_pressure(&self, thresholds: &Thresholds) -> bool {
+        thresholds
+            .pid_available
+            .is_some_and(|t| t.crossed(self.pid_available, self.pid_max))
     }
 }
 
@@ -181,6 +267,8 @@ impl NodeInfo<'_> {
             .with_context(|| format!("--reserved-cpu {:?}", self.config.reserved_cpu))?;
         let reserved_memory = quantity::units(&self.config.reserved_memory)
             .with_context(|| format!("--reserved-memory {:?}", self.config.reserved_memory))?;
+        let thresholds = Thresholds::parse(&self.config.eviction_hard)
+            .map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?;
         let machine = self.machine;
         let capacity = json!({
             "cpu": machine.cpus.to_string(),
@@ -191,10 +279,14 @@ impl NodeInfo<'_> {
             "hugepages-1Gi": "0",
         });
         let cpu_milli = (machine.cpus as i64 * 1000 - reserved_milli).max(0);
-        let memory =
-            (machine.memory_bytes as i64 - reserved_memory - MEMORY_AVAILABLE_THRESHOLD as i64)
-                .max(0);
-        let disk = machine.disk_bytes - machine.disk_bytes * NODEFS_AVAILABLE_PERCENT / 100;
+        let memory_kept = thresholds
+            .memory_available
+            .map_or(0, |t| t.of(machine.memory_bytes));
+        let memory = (machine.memory_bytes as i64 - reserved_memory - memory_kept as i64).max(0);
+        let disk = machine.disk_bytes
+            - thresholds
+                .nodefs_available
+                .map_or(0, |t| t.of(machine.disk_bytes));
         let allocatable = json!({
             "cpu": if cpu_milli % 1000 == 0 { (cpu_milli / 1000).to_string() } else { format!("{cpu_milli}m") },
             "memory": format!("{}Ki", memory / 1024),
@@ -424,21 +516,37 @@ mod tests {
 
     #[test]
     fn pressure_follows_the_kubelet_thresholds() {
+        let defaults = Thresholds::parse(DEFAULT_EVICTION_HARD).unwrap();
+        assert_eq!(defaults.memory_available, Some(Threshold::Bytes(100 << 20)));
+        assert_eq!(defaults.nodefs_available, Some(Threshold::Percent(10)));
         let healthy = Signals {
             memory_available: 1 << 30,
+            memory_capacity: 4 << 30,
             nodefs_available: 50,
             nodefs_capacity: 100,
             pid_available: 30000,
             pid_max: 32768,
         };
-        assert!(!healthy.memory_pressure() && !healthy.disk_pressure() && !healthy.pid_pressure());
+        assert!(
+            !healthy.memory_pressure(&defaults)
+                && !healthy.disk_pressure(&defaults)
+                && !healthy.pid_pressure(&defaults)
+        );
         let starved = Signals {
             memory_available: 99 << 20,
+            memory_capacity: 4 << 30,
             nodefs_available: 9,
             nodefs_capacity: 100,
             pid_available: 100,
             pid_max: 32768,
         };
-        assert!(starved.memory_pressure() && starved.disk_pressure() && starved.pid_pressure());
+        assert!(
+            starved.memory_pressure(&defaults)
+                && starved.disk_pressure(&defaults)
+                && starved.pid_pressure(&defaults)
+        );
+        assert!(Thresholds::parse("memory.available<1Gi,cpu.idle<1").is_err());
+        assert!(Thresholds::parse("memory.available=1Gi").is_err());
+        assert!(Thresholds::parse("").unwrap().memory_available.is_none());
     }
 }

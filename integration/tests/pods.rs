@@ -634,3 +634,92 @@ fn volumes_env_and_init_containers_reach_the_container_and_stop_runs_pre_stop_th
     let events = std::fs::read_to_string(host_dir.path().join("events")).unwrap_or_default();
     assert_eq!(events, "prestop\nterm\n");
 }
+
+#[test]
+fn memory_pressure_evicts_best_effort_first_and_guaranteed_last() {
+    // A threshold no machine meets: the node is under memory pressure from the start.
+    let cluster = cluster_with(&[
+        "--eviction-hard",
+        "memory.available<100Ti",
+        "--eviction-interval-seconds",
+        "2",
+    ]);
+    let pod = |name: &str, resources: &str| {
+        cluster.pod_manifest(
+            name,
+            &format!(
+                "  terminationGracePeriodSeconds: 1\n  containers:\n  - name: app\n    image: {IMAGE}\n    command: [\"sleep\", \"1000\"]\n    resources: {resources}\n"
+            ),
+        )
+    };
+    let manifests = [
+        pod(
+            "guaranteed",
+            "{requests: {cpu: 100m, memory: 32Mi}, limits: {cpu: 100m, memory: 32Mi}}",
+        ),
+        pod("burstable", "{requests: {memory: 16Mi}}"),
+        pod("besteffort", "{}"),
+    ]
+    .join("---\n");
+    cluster.apply(&manifests);
+    let evicted = |name: &str| {
+        let pod = cluster.pod(name);
+        pod["status"]["reason"] == "Evicted" && phase(&pod) == "Failed"
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !evicted("besteffort") {
+        assert!(
+            !evicted("burstable") && !evicted("guaranteed"),
+            "evicted out of order"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "nothing evicted:\n{}",
+            cluster.node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pod = cluster.pod("besteffort");
+    assert_eq!(
+        pod["status"]["message"],
+        "The node was low on resource: memory. "
+    );
+    while !evicted("burstable") {
+        assert!(
+            !evicted("guaranteed"),
+            "guaranteed evicted before burstable"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "burstable not evicted:\n{}",
+            cluster.node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node: Value = serde_json::from_str(&cluster.plane.kubectl(&[
+        "get",
+        "node",
+        &cluster.node.name,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let pressure = node["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "MemoryPressure")
+        .unwrap()
+        .clone();
+    assert_eq!(pressure["status"], "True", "{pressure:#}");
+    // The evicted pods' containers are gone with their cgroups.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.node.pod_cgroups().len() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "evicted pods still hold cgroups: {:?}",
+            cluster.node.pod_cgroups()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

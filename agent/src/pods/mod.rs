@@ -2,6 +2,7 @@
 //! level-triggered worker per pod that makes the machine match the pod's spec.
 
 pub mod env;
+pub mod eviction;
 pub mod manager;
 pub mod model;
 pub mod node_runtime;

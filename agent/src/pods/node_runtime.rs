@@ -161,6 +161,12 @@ impl NodeRuntime {
         }
     }
 
+    /// The pod's memory use from its cgroup, when the memory controller is there.
+    pub fn pod_memory(&self, pod: &Pod) -> Option<u64> {
+        let cgroup = PodCgroup::of(pod).ok()?;
+        self.cgroups.pod_usage(&cgroup).ok()?.memory_current
+    }
+
     /// Limits this node cannot enforce, one line each.
     pub fn unenforced(&self) -> Vec<String> {
         self.cgroups

@@ -152,6 +152,18 @@ async fn sync<R: PodRuntime, A: PodApi>(
         Some("Succeeded" | "Failed")
     );
     let mut records = runtime.containers(uid).await?;
+    if super::eviction::is_evicted(pod) {
+        // Evicted: stop everything now and never restart; the status says why.
+        let stops = records
+            .iter()
+            .filter(|r| r.is_running())
+            .map(|record| runtime.stop(pod, record, super::eviction::EVICTION_GRACE));
+        for result in futures::future::join_all(stops).await {
+            result?;
+        }
+        release(shared, uid, Some(pod), state).await;
+        return Ok(None);
+    }
     if already_finished && !records.iter().any(ContainerRecord::is_running) {
         release(shared, uid, Some(pod), state).await;
         return Ok(None);
