@@ -80,10 +80,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         runtime_version: &runtime_version,
         node_api_port: config.node_api_listen.port(),
     };
+    let thresholds = crate::node::Thresholds::parse(&config.eviction_hard)
+        .map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?;
     let health = |signals: &Signals| Health {
-        memory_pressure: signals.memory_pressure(),
-        disk_pressure: signals.disk_pressure(),
-        pid_pressure: signals.pid_pressure(),
+        memory_pressure: signals.memory_pressure(&thresholds),
+        disk_pressure: signals.disk_pressure(&thresholds),
+        pid_pressure: signals.pid_pressure(&thresholds),
         unenforced: runtime.unenforced(),
         not_ready: None,
     };
@@ -107,6 +109,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }),
         host_ip: node_ip.to_string(),
     });
+    let usage_runtime = runtime.clone();
+    let eviction = tokio::spawn(crate::pods::eviction::run(
+        client.clone(),
+        table.clone(),
+        crate::pods::eviction::EvictionConfig {
+            thresholds,
+            state_dir: config.state_dir.clone(),
+            interval: Duration::from_secs(config.eviction_interval_seconds.max(1)),
+        },
+        Arc::new(move |pod: &k8s_openapi::api::core::v1::Pod| usage_runtime.pod_memory(pod)),
+    ));
     let pods = manager::run(client.clone(), &node_name, shared, table.clone(), exits_rx);
 
     // Node status: reported at start, when a condition changes, and every
@@ -141,6 +154,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ = sigterm() => Ok(()),
     };
     lease.abort();
+    eviction.abort();
     tracing::info!("agent stopping; pods keep running");
     result
 }

@@ -93,6 +93,12 @@ pub struct AgentConfig {
     /// Seconds between two renewals of the node's Lease.
     #[arg(long, default_value_t = 10)]
     pub lease_renew_seconds: u64,
+    /// Hard eviction thresholds, in the kubelet's syntax.
+    #[arg(long, default_value = crate::node::DEFAULT_EVICTION_HARD)]
+    pub eviction_hard: String,
+    /// Seconds between two passes of the eviction manager.
+    #[arg(long, default_value_t = 10)]
+    pub eviction_interval_seconds: u64,
     /// Seconds between two node status reports when nothing changed.
     #[arg(long, default_value_t = 60)]
     pub status_report_seconds: u64,
