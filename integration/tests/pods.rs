@@ -119,6 +119,52 @@ impl Cluster {
         )
     }
 
+    /// Starts `count` long-running pods named `<prefix>-<i>` and returns their container
+    /// IDs once all run.
+    fn start_steady_pods(&self, prefix: &str, count: usize) -> Vec<String> {
+        let manifests: Vec<String> = (0..count)
+            .map(|i| {
+                self.pod_manifest(
+                    &format!("{prefix}-{i}"),
+                    &format!(
+                        "  terminationGracePeriodSeconds: 1\n  containers:\n  - name: app\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"while true; do sleep 1; done\"]\n"
+                    ),
+                )
+            })
+            .collect();
+        self.apply(&manifests.join("---\n"));
+        (0..count)
+            .map(|i| {
+                let pod = self.wait_for(
+                    &format!("{prefix}-{i}"),
+                    "Running",
+                    Duration::from_secs(60),
+                    |pod| phase(pod) == "Running",
+                );
+                pod["status"]["containerStatuses"][0]["containerID"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Checks that the pods `start_steady_pods` started still run the same containers.
+    fn assert_steady(&self, prefix: &str, ids: &[String]) {
+        for (i, id) in ids.iter().enumerate() {
+            let pod = self.pod(&format!("{prefix}-{i}"));
+            let container = &pod["status"]["containerStatuses"][0];
+            assert_eq!(phase(&pod), "Running", "{:#}", pod["status"]);
+            assert_eq!(
+                container["restartCount"],
+                0,
+                "{prefix}-{i} restarted:\n{}",
+                self.node.log()
+            );
+            assert_eq!(container["containerID"].as_str().unwrap(), id);
+        }
+    }
+
     fn log_file(&self, pod: &Value, container: &str, attempt: u32) -> PathBuf {
         let meta = &pod["metadata"];
         self.node
@@ -375,98 +421,25 @@ fn probes_restart_unhealthy_containers_and_gate_readiness() {
 fn killing_the_agent_restarts_no_container() {
     const PODS: usize = 20;
     let mut cluster = cluster();
-    for i in 0..PODS {
-        cluster.apply(&cluster.pod_manifest(
-            &format!("steady-{i}"),
-            &format!(
-                r#"  containers:
-  - name: app
-    image: {IMAGE}
-    command: ["sh", "-c", "while true; do sleep 1; done"]
-"#
-            ),
-        ));
-    }
-    let ids: Vec<String> = (0..PODS)
-        .map(|i| {
-            let pod = cluster.wait_for(
-                &format!("steady-{i}"),
-                "Running",
-                Duration::from_secs(60),
-                |pod| phase(pod) == "Running",
-            );
-            pod["status"]["containerStatuses"][0]["containerID"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids = cluster.start_steady_pods("steady", PODS);
     cluster.node.kill();
     std::thread::sleep(Duration::from_millis(500));
     let Cluster { node, plane, .. } = &mut cluster;
     node.restart(plane);
     // Give the new agent time to look at every pod, then check nothing moved.
     std::thread::sleep(Duration::from_secs(3));
-    for (i, id) in ids.iter().enumerate() {
-        let pod = cluster.pod(&format!("steady-{i}"));
-        let container = &pod["status"]["containerStatuses"][0];
-        assert_eq!(phase(&pod), "Running");
-        assert_eq!(
-            container["restartCount"],
-            0,
-            "steady-{i} restarted:\n{}",
-            cluster.node.log()
-        );
-        assert_eq!(container["containerID"].as_str().unwrap(), id);
-    }
+    cluster.assert_steady("steady", &ids);
 }
 
 #[test]
 fn containerd_restarts_and_pods_keep_running_without_leaks() {
     let mut cluster = cluster();
-    for i in 0..3 {
-        cluster.apply(&cluster.pod_manifest(
-            &format!("calm-{i}"),
-            &format!(
-                r#"  terminationGracePeriodSeconds: 1
-  containers:
-  - name: app
-    image: {IMAGE}
-    command: ["sh", "-c", "while true; do sleep 1; done"]
-"#
-            ),
-        ));
-    }
-    let ids: Vec<String> = (0..3)
-        .map(|i| {
-            let pod = cluster.wait_for(
-                &format!("calm-{i}"),
-                "Running",
-                Duration::from_secs(60),
-                |pod| phase(pod) == "Running",
-            );
-            pod["status"]["containerStatuses"][0]["containerID"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids = cluster.start_steady_pods("calm", 3);
     cluster.containerd.kill_daemon();
     std::thread::sleep(Duration::from_secs(2));
     cluster.containerd.restart_daemon();
     std::thread::sleep(Duration::from_secs(3));
-    for (i, id) in ids.iter().enumerate() {
-        let pod = cluster.pod(&format!("calm-{i}"));
-        let container = &pod["status"]["containerStatuses"][0];
-        assert_eq!(phase(&pod), "Running", "{:#}", pod["status"]);
-        assert_eq!(
-            container["restartCount"],
-            0,
-            "calm-{i} restarted:\n{}",
-            cluster.node.log()
-        );
-        assert_eq!(container["containerID"].as_str().unwrap(), id);
-    }
+    cluster.assert_steady("calm", &ids);
     // A new pod still starts, and deleting everything leaves no IP reserved.
     cluster.apply(&cluster.pod_manifest(
         "after",

@@ -120,3 +120,54 @@ pub fn previous<'a>(
         })
         .max_by_key(|record| record.attempt)
 }
+
+/// Pods and records for the unit tests of the pure pod logic.
+#[cfg(test)]
+pub mod fixtures {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
+
+    /// Pod `default/web` (uid `u1`) with busybox containers of these names.
+    pub fn pod(policy: &str, init: &[&str], apps: &[&str]) -> Pod {
+        let containers = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| json!({"name": name, "image": "busybox"}))
+                .collect::<Vec<_>>()
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "u1"},
+            "spec": {"restartPolicy": policy, "initContainers": containers(init), "containers": containers(apps)},
+        }))
+        .unwrap()
+    }
+
+    /// Instance `attempt` of container `name`, with ID `<name>-<attempt>`.
+    pub fn record(name: &str, kind: Kind, attempt: u32, state: RunState) -> ContainerRecord {
+        ContainerRecord {
+            id: format!("{name}-{attempt}"),
+            name: name.into(),
+            kind,
+            attempt,
+            image: "busybox".into(),
+            image_id: "sha256:abc".into(),
+            state,
+        }
+    }
+
+    pub fn exited(code: i32) -> RunState {
+        RunState::Exited {
+            exit_code: code,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            started_at: Some(Timestamp::UNIX_EPOCH),
+            finished_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    pub fn running() -> RunState {
+        RunState::Running {
+            started_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+}

@@ -243,10 +243,14 @@ impl NodeRuntime {
         StartError::new("CreatePodSandboxError", message.to_string())
     }
 
-    /// The containerd containers of a pod.
-    async fn list(&self, pod_uid: &str) -> Result<Vec<CtrContainer>, RuntimeError> {
+    /// The containerd containers of a pod, or of every pod when `pod_uid` is `None`.
+    async fn list(&self, pod_uid: Option<&str>) -> Result<Vec<CtrContainer>, RuntimeError> {
+        let filter = match pod_uid {
+            Some(uid) => format!("labels.\"{}\"=={uid}", labels::POD_UID),
+            None => format!("labels.\"{}\"", labels::POD_UID),
+        };
         let request = ListContainersRequest {
-            filters: vec![format!("labels.\"{}\"=={pod_uid}", labels::POD_UID)],
+            filters: vec![filter],
         };
         let response = self
             .containerd
@@ -798,7 +802,7 @@ impl PodRuntime for NodeRuntime {
     }
 
     async fn containers(&self, pod_uid: &str) -> Result<Vec<ContainerRecord>, RuntimeError> {
-        let containers = self.list(pod_uid).await?;
+        let containers = self.list(Some(pod_uid)).await?;
         let mut records = Vec::with_capacity(containers.len());
         for container in &containers {
             self.owners
@@ -1000,7 +1004,7 @@ impl PodRuntime for NodeRuntime {
         // Logs go with the pod object; a finished pod keeps them for `kubectl logs`.
         let deleted = pod.is_none_or(|p| p.metadata.deletion_timestamp.is_some());
         if deleted {
-            let containers = self.list(pod_uid).await?;
+            let containers = self.list(Some(pod_uid)).await?;
             for container in &containers {
                 let record = self.record(container).await?;
                 self.remove(&record).await?;
@@ -1030,16 +1034,7 @@ impl PodRuntime for NodeRuntime {
 
     async fn known_pods(&self) -> Result<Vec<String>, RuntimeError> {
         let mut uids: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-        let request = ListContainersRequest {
-            filters: vec![format!("labels.\"{}\"", labels::POD_UID)],
-        };
-        let response = self
-            .containerd
-            .containers()
-            .list(request)
-            .await
-            .map_err(|status| runtime_error(containerd::call_error("Containers.List")(status)))?;
-        for container in response.into_inner().containers {
+        for container in self.list(None).await? {
             if let Some(uid) = container.labels.get(labels::POD_UID) {
                 uids.insert(uid.clone());
             }

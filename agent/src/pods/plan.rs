@@ -134,53 +134,43 @@ pub fn plan(
     // for good with success for init containers).
     let consider = |plan: &mut Plan, kind: Kind, name: &str| -> Step {
         let record = latest(records, name, kind);
-        match record.map(|r| &r.state) {
-            None => {
-                if let Some((until, delay)) = backoffs.until(name, now) {
-                    hold(plan, name, until, delay, pod);
+        // The attempt to start next, if the container must (re)start.
+        let next_attempt = match record {
+            None => 0,
+            Some(record) => match &record.state {
+                RunState::Created | RunState::Running { .. } => {
+                    if unhealthy.contains(name) {
+                        plan.actions.push(Action::Kill {
+                            id: record.id.clone(),
+                            name: name.to_string(),
+                            reason: format!(
+                                "Container {name} failed liveness probe, will be restarted"
+                            ),
+                        });
+                    }
                     return Step::Busy;
                 }
-                plan.actions.push(Action::Start {
-                    kind,
-                    name: name.to_string(),
-                    attempt: 0,
-                });
-                Step::Busy
-            }
-            Some(RunState::Created | RunState::Running { .. }) => {
-                let record = record.expect("matched Some");
-                if unhealthy.contains(name) {
-                    plan.actions.push(Action::Kill {
-                        id: record.id.clone(),
-                        name: name.to_string(),
-                        reason: format!(
-                            "Container {name} failed liveness probe, will be restarted"
-                        ),
-                    });
+                RunState::Exited { exit_code, .. } => {
+                    if !should_restart(policy, kind, *exit_code) {
+                        return if *exit_code == 0 {
+                            Step::Done
+                        } else {
+                            Step::Failed
+                        };
+                    }
+                    record.attempt + 1
                 }
-                Step::Busy
-            }
-            Some(RunState::Exited { exit_code, .. }) => {
-                let record = record.expect("matched Some");
-                if !should_restart(policy, kind, *exit_code) {
-                    return if *exit_code == 0 {
-                        Step::Done
-                    } else {
-                        Step::Failed
-                    };
-                }
-                if let Some((until, delay)) = backoffs.until(name, now) {
-                    hold(plan, name, until, delay, pod);
-                    return Step::Busy;
-                }
-                plan.actions.push(Action::Start {
-                    kind,
-                    name: name.to_string(),
-                    attempt: record.attempt + 1,
-                });
-                Step::Busy
-            }
+            },
+        };
+        match backoffs.until(name, now) {
+            Some((until, delay)) => hold(plan, name, until, delay, pod),
+            None => plan.actions.push(Action::Start {
+                kind,
+                name: name.to_string(),
+                attempt: next_attempt,
+            }),
         }
+        Step::Busy
     };
 
     for init in spec.init_containers.iter().flatten() {
@@ -230,46 +220,15 @@ fn hold(plan: &mut Plan, name: &str, until: Timestamp, delay: Duration, pod: &Po
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn pod(policy: &str, init: &[&str], apps: &[&str]) -> Pod {
-        let containers = |names: &[&str]| {
-            names
-                .iter()
-                .map(|name| json!({"name": name, "image": "busybox"}))
-                .collect::<Vec<_>>()
-        };
-        serde_json::from_value(json!({
-            "metadata": {"name": "web", "namespace": "default", "uid": "u1"},
-            "spec": {"restartPolicy": policy, "initContainers": containers(init), "containers": containers(apps)},
-        }))
-        .unwrap()
-    }
+    use crate::pods::model::fixtures::{self, pod};
 
     fn exited(name: &str, kind: Kind, attempt: u32, code: i32) -> ContainerRecord {
-        ContainerRecord {
-            id: format!("{name}-{attempt}"),
-            name: name.into(),
-            kind,
-            attempt,
-            image: "busybox".into(),
-            image_id: "sha256:1".into(),
-            state: RunState::Exited {
-                exit_code: code,
-                reason: if code == 0 { "Completed" } else { "Error" }.into(),
-                started_at: None,
-                finished_at: Timestamp::UNIX_EPOCH,
-            },
-        }
+        fixtures::record(name, kind, attempt, fixtures::exited(code))
     }
 
     fn running(name: &str, kind: Kind, attempt: u32) -> ContainerRecord {
-        ContainerRecord {
-            state: RunState::Running {
-                started_at: Timestamp::UNIX_EPOCH,
-            },
-            ..exited(name, kind, attempt, 0)
-        }
+        fixtures::record(name, kind, attempt, fixtures::running())
     }
 
     fn now() -> Timestamp {

@@ -337,50 +337,7 @@ pub fn pod_status(
 mod tests {
     use super::*;
 
-    fn pod(policy: &str, init: &[&str], apps: &[&str]) -> Pod {
-        let containers = |names: &[&str]| {
-            names
-                .iter()
-                .map(|name| json!({"name": name, "image": "busybox"}))
-                .collect::<Vec<_>>()
-        };
-        serde_json::from_value(json!({
-            "metadata": {"name": "web", "namespace": "default", "uid": "u1"},
-            "spec": {"restartPolicy": policy, "initContainers": containers(init), "containers": containers(apps)},
-        }))
-        .unwrap()
-    }
-
-    fn record(name: &str, kind: Kind, attempt: u32, state: RunState) -> ContainerRecord {
-        ContainerRecord {
-            id: format!("{name}{attempt}"),
-            name: name.into(),
-            kind,
-            attempt,
-            image: "busybox".into(),
-            image_id: "sha256:abc".into(),
-            state,
-        }
-    }
-
-    fn exited(code: i32) -> RunState {
-        RunState::Exited {
-            exit_code: code,
-            reason: if code == 0 {
-                "Completed".into()
-            } else {
-                "Error".into()
-            },
-            started_at: Some(Timestamp::UNIX_EPOCH),
-            finished_at: Timestamp::UNIX_EPOCH,
-        }
-    }
-
-    fn running() -> RunState {
-        RunState::Running {
-            started_at: Timestamp::UNIX_EPOCH,
-        }
-    }
+    use crate::pods::model::fixtures::{exited, pod, record, running};
 
     #[test]
     fn phases_follow_the_kubelet() {
@@ -482,7 +439,7 @@ mod tests {
         assert_eq!(status["podIP"], "10.1.0.5");
         assert_eq!(
             status["containerStatuses"][0]["containerID"],
-            "containerd://app0"
+            "containerd://app-0"
         );
         let decoded: k8s_openapi::api::core::v1::PodStatus =
             serde_json::from_value(status).unwrap();
