@@ -8,6 +8,7 @@ pub mod config;
 pub mod containerd;
 pub mod image;
 pub mod logs;
+pub mod mountinfo;
 pub mod node;
 pub mod node_api;
 pub mod pods;

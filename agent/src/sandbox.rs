@@ -478,36 +478,10 @@ fn unmount_all(path: &Path) -> Result<(), SandboxError> {
 
 /// The mount points at or below `dir` in a `/proc/<pid>/mountinfo` text.
 fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<String> {
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter(|mount_point| Path::new(mount_point).starts_with(dir))
+    crate::mountinfo::mounts_under(mountinfo, dir)
+        .into_iter()
+        .map(|path| path.to_string_lossy().into_owned())
         .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
-        match octal {
-            Some(digits) => {
-                let value = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
-                out.push(value as u8);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs `f` on a dedicated thread that has entered the namespace at `path` (of kind `ns`),
@@ -602,8 +576,8 @@ mod tests {
             mounts_under(mountinfo, Path::new("/tmp/r/pods/p x")),
             ["/tmp/r/pods/p x/ns/net"]
         );
-        assert_eq!(unescape_mountinfo("a\\134b\\011"), "a\\b\t");
-        assert_eq!(unescape_mountinfo("trailing\\04"), "trailing\\04");
+        assert_eq!(crate::mountinfo::unescape("a\\134b\\011"), "a\\b\t");
+        assert_eq!(crate::mountinfo::unescape("trailing\\04"), "trailing\\04");
     }
 
     #[test]

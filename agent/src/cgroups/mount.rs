@@ -42,45 +42,13 @@ pub fn find_cgroup2_mount(mountinfo: &Path) -> Result<Cgroup2Mount, CgroupError>
     })
 }
 
-/// One line of mountinfo (proc(5)): `id parent major:minor root mount-point options
-/// [optional fields...] - fstype source super-options`.
+/// The cgroup2 mount of one mountinfo line, if it is one.
 fn parse_cgroup2_line(line: &str) -> Option<Cgroup2Mount> {
-    let fields: Vec<&str> = line.split(' ').filter(|f| !f.is_empty()).collect();
-    let separator = fields.iter().skip(6).position(|f| *f == "-")? + 6;
-    if *fields.get(separator + 1)? != "cgroup2" {
-        return None;
-    }
-    Some(Cgroup2Mount {
-        root: PathBuf::from(unescape(fields.get(3)?)),
-        mount_point: PathBuf::from(unescape(fields.get(4)?)),
+    let entry = crate::mountinfo::parse_line(line)?;
+    (entry.fstype == "cgroup2").then_some(Cgroup2Mount {
+        root: entry.root,
+        mount_point: entry.mount_point,
     })
-}
-
-/// The kernel writes space, tab, newline and backslash in mountinfo paths as `\040`,
-/// `\011`, `\012` and `\134`.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
-        match octal {
-            Some(digits) => {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                out.push(u8::try_from(value).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The cgroup v2 path of a process from the text of its `/proc/<pid>/cgroup` (the
@@ -167,7 +135,7 @@ mod tests {
         let line = r"50 22 0:40 / /mnt/my\040cgroups\134x rw - cgroup2 none rw";
         let mount = parse_mountinfo_cgroup2(line).unwrap();
         assert_eq!(mount.mount_point, Path::new(r"/mnt/my cgroups\x"));
-        assert_eq!(unescape(r"a\09b\"), r"a\09b\");
+        assert_eq!(crate::mountinfo::unescape(r"a\09b\"), r"a\09b\");
     }
 
     #[test]

@@ -29,18 +29,8 @@ fn volume_dir(state_dir: &Path, uid: &str, name: &str) -> PathBuf {
     pod_dir(state_dir, uid).join("volumes").join(name)
 }
 
-fn is_mount_point(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let target = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(target.as_ref()))
-}
-
 fn mount_tmpfs(dir: &Path, size: Option<&str>) -> Result<(), StartError> {
-    if is_mount_point(dir) {
+    if crate::mountinfo::is_mount_point(dir) {
         return Ok(());
     }
     let options = size.map(|size| format!("size={size}"));
@@ -292,7 +282,7 @@ pub fn remove(state_dir: &Path, uid: &str) -> std::io::Result<()> {
     if let Ok(entries) = std::fs::read_dir(&volumes) {
         for entry in entries.flatten() {
             let path = entry.path();
-            if is_mount_point(&path) {
+            if crate::mountinfo::is_mount_point(&path) {
                 nix::mount::umount2(&path, MntFlags::MNT_DETACH).map_err(std::io::Error::from)?;
             }
         }
