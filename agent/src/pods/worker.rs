@@ -529,3 +529,207 @@ async fn release<R: PodRuntime, A>(
         Err(error) => tracing::warn!(pod = %uid, error = %error, "release pod"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::pods::model::fixtures;
+    use crate::pods::runtime::{RuntimeError, StartError};
+
+    /// A machine that runs nothing: records what the worker asks of it.
+    #[derive(Default)]
+    struct FakeRuntime {
+        records: Mutex<Vec<ContainerRecord>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeRuntime {
+        fn call(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+
+        /// The newest instance of `name` exits with `code`.
+        fn exit(&self, name: &str, code: i32) {
+            let mut records = self.records.lock().unwrap();
+            let newest = records
+                .iter_mut()
+                .filter(|r| r.name == name)
+                .max_by_key(|r| r.attempt)
+                .expect("a container to exit");
+            newest.state = fixtures::exited(code);
+        }
+    }
+
+    impl PodRuntime for FakeRuntime {
+        async fn ensure_sandbox(&self, _pod: &Pod) -> Result<SandboxInfo, StartError> {
+            self.call("sandbox".into());
+            Ok(SandboxInfo {
+                pod_ips: vec!["10.0.0.7".into()],
+            })
+        }
+
+        async fn containers(&self, _uid: &str) -> Result<Vec<ContainerRecord>, RuntimeError> {
+            Ok(self.records.lock().unwrap().clone())
+        }
+
+        async fn start(
+            &self,
+            _pod: &Pod,
+            kind: Kind,
+            name: &str,
+            attempt: u32,
+        ) -> Result<(), StartError> {
+            self.call(format!("start {name} {attempt}"));
+            self.records.lock().unwrap().push(fixtures::record(
+                name,
+                kind,
+                attempt,
+                fixtures::running(),
+            ));
+            Ok(())
+        }
+
+        async fn stop(
+            &self,
+            _pod: &Pod,
+            record: &ContainerRecord,
+            grace: Duration,
+        ) -> Result<(), RuntimeError> {
+            self.call(format!("stop {} {}s", record.id, grace.as_secs()));
+            for r in self
+                .records
+                .lock()
+                .unwrap()
+                .iter_mut()
+                .filter(|r| r.id == record.id)
+            {
+                r.state = fixtures::exited(143);
+            }
+            Ok(())
+        }
+
+        async fn remove(&self, record: &ContainerRecord) -> Result<(), RuntimeError> {
+            self.call(format!("remove {}", record.id));
+            self.records.lock().unwrap().retain(|r| r.id != record.id);
+            Ok(())
+        }
+
+        async fn exec(
+            &self,
+            _record: &ContainerRecord,
+            _command: &[String],
+            _timeout: Duration,
+        ) -> Result<i32, RuntimeError> {
+            Ok(0)
+        }
+
+        async fn release(&self, uid: &str, _pod: Option<&Pod>) -> Result<(), RuntimeError> {
+            self.call(format!("release {uid}"));
+            Ok(())
+        }
+
+        async fn known_pods(&self) -> Result<Vec<String>, RuntimeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// An API server that keeps every status written, and wakes the test on each.
+    #[derive(Default)]
+    struct FakeApi {
+        statuses: Mutex<Vec<Value>>,
+        written: Notify,
+        deleted: Mutex<bool>,
+    }
+
+    impl PodApi for FakeApi {
+        async fn write_status(&self, _pod: &Pod, status: Value) -> anyhow::Result<()> {
+            self.statuses.lock().unwrap().push(status);
+            self.written.notify_one();
+            Ok(())
+        }
+
+        async fn finish_deletion(&self, _pod: &Pod) -> anyhow::Result<()> {
+            *self.deleted.lock().unwrap() = true;
+            self.written.notify_one();
+            Ok(())
+        }
+    }
+
+    async fn until(api: &FakeApi, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let wait = async {
+            loop {
+                let written = api.written.notified();
+                if let Some(status) = api.statuses.lock().unwrap().last().filter(|s| check(s)) {
+                    return status.clone();
+                }
+                written.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no status with {what}: {:#?}",
+                    api.statuses.lock().unwrap().last()
+                )
+            })
+    }
+
+    #[tokio::test]
+    async fn a_pod_runs_crash_loops_and_is_torn_down_on_deletion() {
+        let runtime = Arc::new(FakeRuntime::default());
+        let api = Arc::new(FakeApi::default());
+        let shared = Arc::new(WorkerShared {
+            runtime: runtime.clone(),
+            api: api.clone(),
+            host_ip: "192.0.2.1".into(),
+        });
+        let pod = Arc::new(fixtures::pod("Always", &[], &["app"]));
+        let (pods, receiver) = watch::channel(Some(pod.clone()));
+        let wake = Arc::new(Notify::new());
+        let worker = tokio::spawn(run(shared, "u1".into(), receiver, wake.clone()));
+
+        let status = until(&api, "phase Running", |s| s["phase"] == "Running").await;
+        assert_eq!(status["podIP"], "10.0.0.7");
+        assert_eq!(status["hostIP"], "192.0.2.1");
+
+        // The first crash restarts at once; the second waits in CrashLoopBackOff.
+        runtime.exit("app", 1);
+        wake.notify_one();
+        until(&api, "restartCount 1", |s| {
+            s["containerStatuses"][0]["restartCount"] == 1
+        })
+        .await;
+        runtime.exit("app", 1);
+        wake.notify_one();
+        let status = until(&api, "CrashLoopBackOff", |s| {
+            s["containerStatuses"][0]["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+        })
+        .await;
+        assert_eq!(
+            status["containerStatuses"][0]["lastState"]["terminated"]["exitCode"],
+            1
+        );
+        assert_eq!(status["phase"], "Running");
+
+        // Deletion: whatever runs is stopped with the pod's grace, everything removed and
+        // released, then the object deleted for good.
+        let mut deleting = (*pod).clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        deleting.metadata.deletion_grace_period_seconds = Some(7);
+        pods.send_replace(Some(Arc::new(deleting)));
+        tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(*api.deleted.lock().unwrap());
+        let calls = runtime.calls.lock().unwrap().clone();
+        assert_eq!(calls[..3], ["sandbox", "start app 0", "start app 1"]);
+        assert_eq!(calls.last().unwrap(), "release u1");
+        assert!(runtime.records.lock().unwrap().is_empty(), "{calls:?}");
+    }
+}
