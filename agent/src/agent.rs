@@ -10,8 +10,10 @@ use tokio::sync::mpsc;
 
 use crate::config::AgentConfig;
 use crate::node::{self, Health, Machine, NodeInfo, Signals};
+use crate::node_api::{NodeApi, NodeApiConfig, ServingCertificate};
 use crate::pods::manager::{self, KubePodApi, PodTable};
 use crate::pods::node_runtime::NodeRuntime;
+use crate::pods::node_state::{AgentNodeState, ReportingPodApi};
 use crate::pods::worker::WorkerShared;
 
 async fn kube_config(config: &AgentConfig) -> anyhow::Result<kube::Config> {
@@ -59,7 +61,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let client = kube::Client::try_from(kube_config).context("build the API client")?;
     let machine = Machine::read(&config.state_dir)?;
 
-    let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+    let (exits_tx, mut runtime_exits) = mpsc::unbounded_channel::<String>();
     let runtime = Arc::new(
         NodeRuntime::start(
             &config,
@@ -72,13 +74,61 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .context("start the container runtime")?,
     );
     let runtime_version = runtime.version().await;
+
+    let routes = if config.host_gw_routes {
+        let table =
+            crate::routes::Routes::host().context("open the netlink socket for host-gw routes")?;
+        Some(tokio::spawn(crate::routes::run(
+            client.clone(),
+            table,
+            crate::routes::RoutesConfig {
+                node_name: node_name.clone(),
+                own_pod_cidrs: config.pod_cidr.iter().cloned().collect(),
+                resync: Duration::from_secs(config.routes_resync_seconds.max(1)),
+            },
+        )))
+    } else {
+        None
+    };
+    // The node API is bound before the Node is registered, so the Node reports the port it
+    // really has (`--node-api-listen` may ask for port 0).
+    let table = PodTable::default();
+    let node_state = AgentNodeState::new(table.clone(), config.pod_log_dir.clone());
+    let serving_certificate = match (&config.tls_cert_file, &config.tls_private_key_file) {
+        (Some(cert), Some(key)) => ServingCertificate::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => ServingCertificate::SelfSigned {
+            hosts: vec![node_ip.to_string(), node_name.clone()],
+        },
+    };
+    let node_api = NodeApi::bind(
+        NodeApiConfig {
+            listen: config.node_api_listen,
+            serving_certificate,
+            client_ca_file: config.client_ca_file.clone(),
+            token_file: config.node_api_token_file.clone(),
+        },
+        node_state.clone(),
+    )
+    .await
+    .context("start the node API")?;
+    tracing::info!(address = %node_api.local_addr(), "node API listening");
+    if config.client_ca_file.is_none() && config.node_api_token_file.is_none() {
+        tracing::warn!(
+            "the node API has neither --client-ca-file nor --node-api-token-file: it refuses \
+             every log request, so kubectl logs cannot work"
+        );
+    }
+
     let info = NodeInfo {
         name: &node_name,
         config: &config,
         machine: &machine,
         node_ip,
         runtime_version: &runtime_version,
-        node_api_port: config.node_api_listen.port(),
+        node_api_port: node_api.local_addr().port(),
     };
     let thresholds = crate::node::Thresholds::parse(&config.eviction_hard)
         .map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?;
@@ -101,13 +151,29 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         node_name.clone(),
         Duration::from_secs(config.lease_renew_seconds.max(1)),
     ));
-    let table = PodTable::default();
     let shared = Arc::new(WorkerShared {
         runtime: runtime.clone(),
-        api: Arc::new(KubePodApi {
-            client: client.clone(),
-        }),
+        // The node state hears of each status the workers write: it is what stops log
+        // followers when their container stops.
+        api: Arc::new(ReportingPodApi::new(
+            KubePodApi {
+                client: client.clone(),
+            },
+            node_state.clone(),
+        )),
         host_ip: node_ip.to_string(),
+    });
+    // Container exits wake the pod workers; the node state sees them first, for pods the
+    // API no longer has (whose workers write no more status).
+    let (worker_exits, exits_rx) = mpsc::unbounded_channel();
+    let exits_state = node_state.clone();
+    let forward_exits = tokio::spawn(async move {
+        while let Some(uid) = runtime_exits.recv().await {
+            exits_state.container_exited(&uid);
+            if worker_exits.send(uid).is_err() {
+                break;
+            }
+        }
     });
     let usage_runtime = runtime.clone();
     let eviction = tokio::spawn(crate::pods::eviction::run(
@@ -149,12 +215,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let result = tokio::select! {
         result = pods => result,
+        result = node_api.run() => result.context("node API"),
         () = status_loop => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = sigterm() => Ok(()),
     };
     lease.abort();
+    // Routes stay in place while the agent is down, so traffic keeps flowing.
+    if let Some(routes) = routes {
+        routes.abort();
+    }
     eviction.abort();
+    forward_exits.abort();
     tracing::info!("agent stopping; pods keep running");
     result
 }

@@ -48,6 +48,12 @@ pub const DEFAULT_PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// The interface name pods get.
 pub const POD_IFNAME: &str = "eth0";
 
+/// Where the agent's CNI runtime caches its results: `<run_dir>/cni-cache`. The agent
+/// gives it to [`Runtime::new`]; `agentctl` reads the attachments there.
+pub fn cni_cache_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("cni-cache")
+}
+
 /// One attachment of a container to a network: the parameters of ADD, CHECK and DEL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {

@@ -90,9 +90,31 @@ pub struct AgentConfig {
     /// Where the node API (logs, healthz, pods) listens.
     #[arg(long, default_value = "0.0.0.0:10250")]
     pub node_api_listen: SocketAddr,
+    /// PEM CA bundle for the node API: a client certificate it signed authenticates (give
+    /// it the control plane's CA, with which the API server signs its certificate).
+    #[arg(long)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Bearer tokens for the node API, in kube-apiserver's `--token-auth-file` format.
+    #[arg(long)]
+    pub node_api_token_file: Option<PathBuf>,
+    /// The node API's certificate chain (PEM); without it and `--tls-private-key-file`, a
+    /// self-signed one for the node's IP and name is made at start.
+    #[arg(long, requires = "tls_private_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `--tls-cert-file` (PEM).
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_private_key_file: Option<PathBuf>,
     /// Seconds between two renewals of the node's Lease.
     #[arg(long, default_value_t = 10)]
     pub lease_renew_seconds: u64,
+    /// Keep host-gw routes: a route to every other Node's podCIDR via its InternalIP
+    /// (off by default: several test agents share one host, and other CNIs route
+    /// themselves).
+    #[arg(long, env = "SKIFF_HOST_GW_ROUTES")]
+    pub host_gw_routes: bool,
+    /// Seconds between two full comparisons of the host-gw routes with the kernel's.
+    #[arg(long, default_value_t = 30)]
+    pub routes_resync_seconds: u64,
     /// Hard eviction thresholds, in the kubelet's syntax.
     #[arg(long, default_value = crate::node::DEFAULT_EVICTION_HARD)]
     pub eviction_hard: String,

@@ -2,6 +2,7 @@
 //! sandbox), and the pieces `agentctl` shares with it.
 
 pub mod agent;
+pub mod agentctl;
 pub mod cgroups;
 pub mod cni;
 pub mod config;
@@ -13,4 +14,5 @@ pub mod node;
 pub mod node_api;
 pub mod pods;
 pub mod quantity;
+pub mod routes;
 pub mod sandbox;

@@ -125,7 +125,20 @@ impl Node {
             "127.0.0.1:0".into(),
             "--status-report-seconds".into(),
             "5".into(),
+            // The node API trusts the control plane's CA, so `kubectl logs` works.
+            "--client-ca-file".into(),
+            plane
+                .data_dir
+                .join("pki")
+                .join("ca.crt")
+                .display()
+                .to_string(),
         ];
+        // A development machine's disk may well be below the kubelet's nodefs threshold;
+        // tests must not depend on it, so only memory pressure evicts unless a test says.
+        if !extra_args.contains(&"--eviction-hard") {
+            args.extend(["--eviction-hard".into(), "memory.available<1Mi".into()]);
+        }
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let agent_log = root.join("agent.log");
         let mut node = Node {

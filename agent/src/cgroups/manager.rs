@@ -154,15 +154,43 @@ impl CgroupManager {
     /// `memory` and `pids` from the mount's root down to the tiers wherever the hierarchy
     /// allows; what it cannot enable is in [`CgroupManager::unenforced`].
     pub fn open(config: CgroupConfig) -> Result<Self, CgroupError> {
-        Self::open_with(config, Box::new(HostFs))
+        Self::open_with(config, Box::new(HostFs), OpenMode::Create)
+    }
+
+    /// Opens the tree the agent made, read only, for tools that inspect the node
+    /// (`agentctl`): no cgroup is created and no `cgroup.subtree_control` written; the
+    /// controllers not enabled down to the tiers are in [`CgroupManager::unenforced`].
+    /// Fails, naming the directory, when `<mount>/<subtree>/kubepods` does not exist.
+    /// Whatever would change the node (`apply_pod`, `add_process`, `remove_pod` ...)
+    /// fails with "read-only file system".
+    pub fn open_existing(config: CgroupConfig) -> Result<Self, CgroupError> {
+        Self::open_with(config, Box::new(HostFs), OpenMode::Existing)
     }
 
     pub(crate) fn open_with(
         config: CgroupConfig,
         fs: Box<dyn CgroupFs>,
+        mode: OpenMode,
     ) -> Result<Self, CgroupError> {
+        let fs = match mode {
+            OpenMode::Create => fs,
+            OpenMode::Existing => Box::new(ReadOnlyFs(fs)),
+        };
         let subtree = normalize_subtree(&config.subtree)?;
         let mount = config.mount;
+        let subtree_dir = mount.join(&subtree);
+        let kubepods = subtree_dir.join(KUBEPODS);
+        if mode == OpenMode::Existing && !fs.is_dir(&kubepods) {
+            return Err(CgroupError::io(
+                "find kubepods under",
+                subtree_dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such directory (is it the agent's cgroup subtree? give --cgroup-root \
+                     as the agent has it)",
+                ),
+            ));
+        }
         let mut missing = BTreeMap::new();
         let root_controllers = fs::read_controllers(&*fs, &mount.join("cgroup.controllers"))?;
         for controller in Controller::ALL {
@@ -184,18 +212,19 @@ impl CgroupManager {
         // Each cgroup on the way must enable a controller before its children have it.
         let mut dir = mount.clone();
         for component in subtree.components() {
-            enable_for_children(&*fs, &dir, &mut missing)?;
+            enable_for_children(&*fs, &dir, mode, &mut missing)?;
             dir.push(component);
-            fs::ensure_dir(&*fs, &dir)?;
+            mode.prepare_dir(&*fs, &dir)?;
         }
-        enable_for_children(&*fs, &dir, &mut missing)?;
-        let kubepods = dir.join(KUBEPODS);
-        fs::ensure_dir(&*fs, &kubepods)?;
-        enable_for_children(&*fs, &kubepods, &mut missing)?;
+        enable_for_children(&*fs, &dir, mode, &mut missing)?;
+        mode.prepare_dir(&*fs, &kubepods)?;
+        enable_for_children(&*fs, &kubepods, mode, &mut missing)?;
         for tier in TIERS.iter().filter_map(|qos| qos.tier_dir()) {
             let tier = kubepods.join(tier);
-            fs::ensure_dir(&*fs, &tier)?;
-            enable_for_children(&*fs, &tier, &mut missing)?;
+            // A tier the agent has not made (yet) holds no pods to read.
+            if mode.prepare_dir(&*fs, &tier)? {
+                enable_for_children(&*fs, &tier, mode, &mut missing)?;
+            }
         }
 
         let unenforced = missing
@@ -480,11 +509,72 @@ impl CgroupManager {
     }
 }
 
+/// How [`CgroupManager::open_with`] treats the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// The agent: create what is missing, enable the controllers.
+    Create,
+    /// A reader: change nothing; the tree must exist, and every filesystem change is
+    /// refused ([`ReadOnlyFs`]).
+    Existing,
+}
+
+impl OpenMode {
+    /// Creates the cgroup `dir` unless it exists (`Create`), or tells whether it exists
+    /// (`Existing`). True when `dir` is there afterwards.
+    fn prepare_dir(self, fs: &dyn CgroupFs, dir: &Path) -> Result<bool, CgroupError> {
+        match self {
+            OpenMode::Create => fs::ensure_dir(fs, dir).map(|()| true),
+            OpenMode::Existing => Ok(fs.is_dir(dir)),
+        }
+    }
+}
+
+/// A [`CgroupFs`] that reads and refuses every change with EROFS, so that a manager
+/// opened with [`CgroupManager::open_existing`] cannot alter the node by mistake.
+#[derive(Debug)]
+struct ReadOnlyFs(Box<dyn CgroupFs>);
+
+impl ReadOnlyFs {
+    fn refuse<T>() -> std::io::Result<T> {
+        Err(std::io::Error::from_raw_os_error(Errno::EROFS as i32))
+    }
+}
+
+impl CgroupFs for ReadOnlyFs {
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        self.0.read(path)
+    }
+    fn write(&self, _path: &Path, _value: &str) -> std::io::Result<()> {
+        Self::refuse()
+    }
+    fn mkdir(&self, _path: &Path) -> std::io::Result<()> {
+        Self::refuse()
+    }
+    fn rmdir(&self, _path: &Path) -> std::io::Result<()> {
+        Self::refuse()
+    }
+    fn subdirs(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        self.0.subdirs(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        self.0.is_dir(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.0.exists(path)
+    }
+    fn kill(&self, _pid: i32) -> std::io::Result<()> {
+        Self::refuse()
+    }
+}
+
 /// Enables every wanted controller that `dir` has in `cgroup.controllers` but not in
-/// `cgroup.subtree_control`, one at a time; records those it cannot in `missing`.
+/// `cgroup.subtree_control`, one at a time; records those it cannot in `missing`. With
+/// [`OpenMode::Existing`] nothing is written: a controller not enabled is recorded.
 fn enable_for_children(
     fs: &dyn CgroupFs,
     dir: &Path,
+    mode: OpenMode,
     missing: &mut BTreeMap<Controller, String>,
 ) -> Result<(), CgroupError> {
     let available = fs::read_controllers(fs, &dir.join("cgroup.controllers"))?;
@@ -502,6 +592,16 @@ fn enable_for_children(
                     "the {name} controller is not delegated to {} (it is not in its \
                      cgroup.controllers)",
                     dir.display()
+                ),
+            );
+            continue;
+        }
+        if mode == OpenMode::Existing {
+            missing.insert(
+                controller,
+                format!(
+                    "the {name} controller is not enabled in {}",
+                    subtree_control.display()
                 ),
             );
             continue;
@@ -776,7 +876,8 @@ mod tests {
         }
 
         fn open_config(&self, config: CgroupConfig) -> CgroupManager {
-            CgroupManager::open_with(config, Box::new(Shared(self.fs.clone()))).unwrap()
+            CgroupManager::open_with(config, Box::new(Shared(self.fs.clone())), OpenMode::Create)
+                .unwrap()
         }
 
         fn read(&self, relative: &str) -> String {
@@ -1139,7 +1240,11 @@ mod tests {
             "use \"../x\" as the pod uid of a cgroup: it contains a slash or a NUL byte"
         );
         let config = fixture.config("skiff/../../etc");
-        let error = CgroupManager::open_with(config, Box::new(Shared(fixture.fs.clone())));
+        let error = CgroupManager::open_with(
+            config,
+            Box::new(Shared(fixture.fs.clone())),
+            OpenMode::Create,
+        );
         assert_eq!(
             error.unwrap_err().to_string(),
             "use \"skiff/../../etc\" as the subtree of a cgroup: it leaves the cgroup2 mount"
@@ -1253,6 +1358,111 @@ mod tests {
         let killed = fixture.fs.killed_pids.lock().unwrap();
         assert!(killed.starts_with(&[101, 102]), "{killed:?}");
         assert!(pod_dir.is_dir());
+    }
+
+    /// Every directory and file under `root`, with its content and modification time.
+    fn snapshot(root: &Path) -> BTreeMap<PathBuf, (Option<String>, std::time::SystemTime)> {
+        let mut entries = BTreeMap::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let metadata = std::fs::metadata(&path).unwrap();
+                let content = if metadata.is_dir() {
+                    dirs.push(path.clone());
+                    None
+                } else {
+                    Some(std::fs::read_to_string(&path).unwrap())
+                };
+                entries.insert(path, (content, metadata.modified().unwrap()));
+            }
+        }
+        entries
+    }
+
+    #[test]
+    fn open_existing_reads_the_agents_tree_and_creates_or_writes_nothing() {
+        let fixture = Fixture::new("cpu memory pids");
+        let root = fixture.root().display().to_string();
+        let existing = || {
+            CgroupManager::open_with(
+                fixture.config("skiff"),
+                Box::new(Shared(fixture.fs.clone())),
+                OpenMode::Existing,
+            )
+        };
+
+        // Before the agent has run: an error naming the subtree, and nothing made.
+        let before = snapshot(fixture.root());
+        assert_eq!(
+            existing().unwrap_err().to_string(),
+            format!(
+                "find kubepods under {root}/skiff: no such directory (is it the agent's cgroup \
+                 subtree? give --cgroup-root as the agent has it)"
+            )
+        );
+        assert_eq!(snapshot(fixture.root()), before);
+        assert!(!fixture.root().join("skiff").exists());
+
+        // A tree without controllers and tiers: they are reported, neither enabled nor made.
+        fixture.fs.mkdir(&fixture.root().join("skiff")).unwrap();
+        fixture
+            .fs
+            .mkdir(&fixture.root().join("skiff/kubepods"))
+            .unwrap();
+        let before = snapshot(fixture.root());
+        let manager = existing().unwrap();
+        assert_eq!(manager.unenforced().len(), 5);
+        assert_eq!(
+            manager.unenforced()[0].to_string(),
+            format!(
+                "cpu.weight: the cpu controller is not enabled in {root}/cgroup.subtree_control"
+            )
+        );
+        assert!(!manager.is_enforced(Controller::Memory));
+        assert!(manager.list_pods().unwrap().is_empty());
+        assert_eq!(snapshot(fixture.root()), before);
+        assert!(!fixture.root().join("skiff/kubepods/burstable").exists());
+
+        // The agent's tree with a pod: the agent's view of it, and still nothing changed.
+        let agent = fixture.open("skiff");
+        let pod = burstable_pod("1234");
+        agent.apply_pod(&pod).unwrap();
+        agent.apply_container(&pod, "app").unwrap();
+        let cgroup = PodCgroup::of(&pod).unwrap();
+        std::fs::write(agent.pod_dir(&cgroup).join("memory.current"), "8192\n").unwrap();
+        let before = snapshot(fixture.root());
+        let manager = existing().unwrap();
+        assert!(manager.unenforced().is_empty());
+        assert_eq!(manager.list_pods().unwrap(), std::slice::from_ref(&cgroup));
+        assert_eq!(manager.pod_dir(&cgroup), agent.pod_dir(&cgroup));
+        assert_eq!(manager.list_containers(&cgroup).unwrap(), ["app"]);
+        assert_eq!(
+            manager.pod_usage(&cgroup).unwrap().memory_current,
+            Some(8192)
+        );
+        assert_eq!(
+            manager.container_usage(&cgroup, "app").unwrap(),
+            agent.container_usage(&cgroup, "app").unwrap()
+        );
+        // Whatever would change the node is refused.
+        assert_eq!(
+            manager.apply_pod(&pod).unwrap_err().to_string(),
+            format!(
+                "create {}: read-only file system",
+                agent.pod_dir(&cgroup).display()
+            )
+        );
+        assert!(manager.apply_container(&pod, "app").is_err());
+        assert!(manager.add_process(&cgroup, "app", 4242).is_err());
+        assert!(
+            manager
+                .update_qos_tiers(std::slice::from_ref(&pod))
+                .is_err()
+        );
+        assert!(manager.remove_pod(&cgroup).is_err());
+        assert_eq!(snapshot(fixture.root()), before);
+        assert!(fixture.fs.killed_cgroups.lock().unwrap().is_empty());
     }
 
     #[test]

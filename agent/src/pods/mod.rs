@@ -6,6 +6,7 @@ pub mod eviction;
 pub mod manager;
 pub mod model;
 pub mod node_runtime;
+pub mod node_state;
 pub mod plan;
 pub mod probe;
 pub mod runtime;

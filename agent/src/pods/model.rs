@@ -16,8 +16,19 @@ pub mod labels {
     pub const ATTEMPT: &str = "io.skiff.container.attempt";
     pub const IMAGE: &str = "io.skiff.container.image";
     pub const IMAGE_ID: &str = "io.skiff.container.image-id";
-    /// Exit reason decided by the agent (e.g. a liveness kill), written before it kills.
+    /// The CRI log file of this instance.
     pub const LOG_PATH: &str = "io.skiff.container.log-path";
+
+    // An instance's life, written by the agent (`pods/node_runtime.rs`) as it happens so
+    // that a restarted agent, and `agentctl`, read it back from containerd.
+    /// When the task started (RFC 3339).
+    pub const STARTED_AT: &str = "io.skiff.container.started-at";
+    /// The exit status; its presence marks the instance as exited.
+    pub const EXIT_CODE: &str = "io.skiff.container.exit-code";
+    /// "Completed", "Error", "OOMKilled", "ContainerCannotRun", ...
+    pub const EXIT_REASON: &str = "io.skiff.container.exit-reason";
+    /// When the task exited (RFC 3339).
+    pub const FINISHED_AT: &str = "io.skiff.container.finished-at";
 }
 
 /// Whether a container is one of the pod's init containers or a regular one.

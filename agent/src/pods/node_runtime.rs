@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 
 use super::env::{Objects, container_env};
+use super::model::labels::{EXIT_CODE, EXIT_REASON, FINISHED_AT, STARTED_AT};
 use super::model::{ContainerRecord, Kind, RunState, labels};
 use super::runtime::{PodRuntime, RuntimeError, SandboxInfo, StartError};
 use super::spec::{BindMount, ContainerSpecInput, ImageDefaults, PodNamespaces, container_spec};
@@ -40,11 +41,6 @@ use crate::sandbox::{self, Namespace, files::DnsSettings, files::PodFiles};
 
 /// The OCI runtime containerd runs containers with.
 const RUNTIME: &str = "io.containerd.runc.v2";
-/// Labels recording an instance's life, written by the agent.
-const STARTED_AT: &str = "io.skiff.container.started-at";
-const EXIT_CODE: &str = "io.skiff.container.exit-code";
-const EXIT_REASON: &str = "io.skiff.container.exit-reason";
-const FINISHED_AT: &str = "io.skiff.container.finished-at";
 /// How long to wait for a container to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -124,7 +120,7 @@ impl NodeRuntime {
         let images = ImageService::new(containerd.clone(), registry);
         let cni = cni::Runtime::new(
             config.cni_bin_dirs.clone(),
-            config.run_dir.join("cni-cache"),
+            cni::cni_cache_dir(&config.run_dir),
         );
         let network = cni::load_config_dir(&config.cni_conf_dir).ok();
         let dns = DnsSettings {
