@@ -12,6 +12,15 @@ use skiff_control::pki::{self, PkiPaths};
 use skiff_control::server::{self, Authenticator};
 use skiff_control::store::embedded::{EmbeddedOptions, EmbeddedStore};
 
+/// mimalloc rather than the system allocator: the API server allocates and frees many small
+/// JSON values per request on every worker thread, which glibc's malloc serves slowly
+/// (a third of the CPU time under load) and with per-thread arenas that fragment.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Events the store itself keeps (see `serve`).
+const STORE_HISTORY: usize = 1_000;
+
 #[derive(Parser)]
 #[command(name = "skiff-control", version, about = "skiff's control plane")]
 struct Cli {
@@ -99,7 +108,7 @@ struct ServeArgs {
     /// The range NodePorts are allocated from, as FIRST-LAST.
     #[arg(long, default_value = "30000-32767")]
     node_port_range: String,
-    /// How many recent events the store keeps for watches that resume.
+    /// How many recent events of each resource are kept for watches that resume.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
     /// Where to write the admin kubeconfig (default: DATA_DIR/admin.kubeconfig).
@@ -130,12 +139,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ApiConfig {
         service_cidr: args.service_cidr.parse().map_err(anyhow::Error::msg)?,
         node_ports: parse_port_range(&args.node_port_range)?,
+        watch_history: args.watch_history,
         ..ApiConfig::default()
     };
+    // Watches resume from the API server's watch cache; the store's own window only
+    // bridges the cache's list and its store watch.
     let store = EmbeddedStore::open(
         &args.data_dir.join("store.redb"),
         EmbeddedOptions {
-            history_events: args.watch_history,
+            history_events: STORE_HISTORY,
         },
     )
     .context("open the embedded store")?;
@@ -180,10 +192,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The scheduler and controllers reach the API server the way any client does: over
     // HTTPS with the admin kubeconfig, so each can also run on its own.
     let client = client_from(Some(&kubeconfig)).await?;
-    let scheduler_client = client.clone();
-    tokio::spawn(supervise("scheduler", move || {
-        skiff_control::scheduler::run_with_leader_election(scheduler_client.clone())
-    }));
+    // SKIFF_SCHEDULER=off leaves scheduling to a `skiff-control scheduler` of its own, as
+    // SKIFF_CONTROLLERS=off does for the controllers.
+    let scheduler_off =
+        std::env::var("SKIFF_SCHEDULER").is_ok_and(|v| v == "off" || v == "false" || v == "0");
+    if scheduler_off {
+        tracing::info!("in-process scheduler disabled (SKIFF_SCHEDULER=off)");
+    } else {
+        let scheduler_client = client.clone();
+        tokio::spawn(supervise("scheduler", move || {
+            skiff_control::scheduler::run_with_leader_election(scheduler_client.clone())
+        }));
+    }
     tokio::spawn(supervise("controllers", move || {
         skiff_control::controllers::run_workloads(client.clone())
     }));

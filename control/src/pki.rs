@@ -50,6 +50,23 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("sync {}", path.display()))
 }
 
+/// The CA's subject and extensions. The CA key signs with these params, so a certificate
+/// issued later (see [`node_client_identity`]) names exactly the issuer the CA certificate has.
+fn ca_params() -> anyhow::Result<rcgen::CertificateParams> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "skiff-ca");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    Ok(ca_params)
+}
+
 /// Creates the CA and the serving certificate unless all four files already exist. The
 /// serving certificate names `hosts` (DNS names or IP addresses) besides the usual local ones.
 pub fn ensure_certificates(paths: &PkiPaths, hosts: &[String]) -> anyhow::Result<()> {
@@ -64,17 +81,7 @@ pub fn ensure_certificates(paths: &PkiPaths, hosts: &[String]) -> anyhow::Result
     if present {
         return Ok(());
     }
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "skiff-ca");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    ca_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let ca_params = ca_params()?;
     let ca_key = rcgen::KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
@@ -112,6 +119,54 @@ pub fn ensure_certificates(paths: &PkiPaths, hosts: &[String]) -> anyhow::Result
     write_private(&paths.server_key, &server_key.serialize_pem())?;
     write_private(&paths.server_cert, &server_cert.pem())?;
     Ok(())
+}
+
+/// A client certificate and its private key, in PEM.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("ClientIdentity").finish_non_exhaustive()
+    }
+}
+
+/// The API server's client certificate for the node APIs, as kube-apiserver's
+/// `--kubelet-client-certificate`: signed by the cluster CA (which agents trust with
+/// `--client-ca-file`), for client authentication only. It is minted at every start and
+/// kept in memory only, so it never needs rotating on disk.
+pub fn node_client_identity(paths: &PkiPaths) -> anyhow::Result<ClientIdentity> {
+    let ca_key_pem = fs::read_to_string(&paths.ca_key)
+        .with_context(|| format!("read {}", paths.ca_key.display()))?;
+    let ca_key = rcgen::KeyPair::from_pem(&ca_key_pem)
+        .with_context(|| format!("parse {}", paths.ca_key.display()))?;
+    let ca_params = ca_params()?;
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kube-apiserver-kubelet-client");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:masters");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.not_after = ca_params.not_after;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("sign the node client certificate")?;
+    Ok(ClientIdentity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// One line of the token file: `token,user,uid[,"group1,group2"]`, as kube-apiserver's
@@ -205,6 +260,46 @@ mod tests {
         assert_eq!(entries[0].groups, ["system:masters", "dev"]);
         assert!(entries[1].groups.is_empty());
         assert!(parse_token_file("onlytoken\n").is_err());
+    }
+
+    #[test]
+    fn node_client_certificates_verify_against_the_ca() {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path());
+        ensure_certificates(&paths, &[]).unwrap();
+        let identity = node_client_identity(&paths).unwrap();
+        assert!(identity.key_pem.contains("PRIVATE KEY"));
+
+        let verifier_for = |ca: &Path| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .build()
+            .unwrap()
+        };
+        let cert = CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap();
+        verifier_for(&paths.ca_cert)
+            .verify_client_cert(&cert, &[], UnixTime::now())
+            .expect("the cluster CA accepts the node client certificate");
+
+        // Another cluster's CA does not.
+        let other = tempfile::tempdir().unwrap();
+        let other_paths = PkiPaths::new(other.path());
+        ensure_certificates(&other_paths, &[]).unwrap();
+        assert!(
+            verifier_for(&other_paths.ca_cert)
+                .verify_client_cert(&cert, &[], UnixTime::now())
+                .is_err()
+        );
     }
 
     #[test]

@@ -74,7 +74,13 @@ async fn serve_request(
     response
 }
 
+/// The serving TLS settings. Also mints the API server's client certificate for node APIs
+/// from the same CA and hands it to the `pods/log` proxy: both are the server's
+/// credentials, made once at start from the data directory.
 pub fn tls_config(paths: &PkiPaths) -> anyhow::Result<rustls::ServerConfig> {
+    crate::api::proxy::install_client_identity(
+        crate::pki::node_client_identity(paths).context("mint the node API client certificate")?,
+    );
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.server_cert)
         .with_context(|| format!("read {}", paths.server_cert.display()))?
         .collect::<Result<_, _>>()

@@ -41,6 +41,9 @@ pub struct SchedBenchArgs {
     /// Where the temporary data directory goes (default: the system temp directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Keeps the data directory (store, logs) for a look afterwards.
+    #[arg(long)]
+    keep: bool,
 }
 
 const NAMESPACE: &str = "sched-bench";
@@ -420,9 +423,17 @@ pub fn run(args: &SchedBenchArgs) -> anyhow::Result<()> {
             kept.display()
         );
     }
-    println!("  logs: {} and {}", server_log.display(), sim_log.display());
     drop(sim);
     drop(server);
+    if args.keep {
+        let kept = temp.keep();
+        println!(
+            "  logs kept: {} and {}",
+            server_log.display(),
+            sim_log.display()
+        );
+        println!("  data directory kept: {}", kept.display());
+    }
     Ok(())
 }
 

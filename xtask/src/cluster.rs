@@ -303,13 +303,32 @@ fn read_pid(data_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-fn print_how_to_use(url: &str, data_dir: &Path) {
+fn print_how_to_use(url: &str, data_dir: &Path, node: &crate::node::Layout) {
     println!("skiff-control serving {url}");
     println!(
         "  export KUBECONFIG={}",
         data_dir.join("admin.kubeconfig").display()
     );
-    println!("  kubectl get namespaces");
+    println!("  kubectl get nodes");
+    println!(
+        "  kubectl run hello --image={} -- sleep 3600",
+        crate::oci_image::BUSYBOX_IMAGE
+    );
+    println!("  kubectl logs hello; kubectl delete pod hello");
+    println!("logs:");
+    println!(
+        "  skiff-control  {}",
+        data_dir.join("skiff-control.log").display()
+    );
+    println!("  skiff-agent    {}", node.agent_log().display());
+    println!("  containerd     {}", node.containerd_log().display());
+    println!("  pods           {}", node.pod_log_dir.display());
+    println!(
+        "containerd: ctr --address {} --namespace {} containers ls",
+        node.containerd_socket().display(),
+        crate::node::CONTAINERD_NAMESPACE
+    );
+    println!("stop everything: cargo xtask down");
 }
 
 fn log_tail(log: &Path) -> String {
@@ -318,22 +337,78 @@ fn log_tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// Installs, builds and starts `skiff-control` in the background, unless it already runs.
+/// Installs and builds what is missing, then starts skiff on this machine in the
+/// background: `skiff-control`, and a node of it (containerd and `skiff-agent`, see
+/// `node.rs`) with the busybox image imported. What already runs is left running.
 pub fn up(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
     deps()?;
-    if let Some(pid) = read_pid(data_dir).filter(|pid| control_alive(*pid)) {
-        let url = Kubeconfig::read(&data_dir.join("admin.kubeconfig"))?.server;
-        println!("skiff-control is already running (pid {pid})");
-        print_how_to_use(&url, data_dir);
-        return Ok(());
+    let binaries = crate::node::build_release()?;
+    let url = match read_pid(data_dir).filter(|pid| control_alive(*pid)) {
+        Some(pid) => {
+            println!("skiff-control is already running (pid {pid})");
+            Kubeconfig::read(&data_dir.join("admin.kubeconfig"))?.server
+        }
+        None => {
+            let (pid, url) = start_control(&binaries.control, data_dir, listen)?;
+            println!(
+                "started skiff-control (pid {pid}, log {})",
+                data_dir.join("skiff-control.log").display()
+            );
+            url
+        }
+    };
+    let node = crate::node::Layout::system(data_dir)?;
+    let started = crate::node::start(&node, &binaries)?;
+    let verb = if started.already_running {
+        "already running:"
+    } else {
+        "started"
+    };
+    println!(
+        "{verb} containerd (pid {}) and skiff-agent (pid {}), node {} Ready, pod CIDR {}/{} on \
+         bridge {}",
+        started.containerd_pid,
+        started.agent_pid,
+        node.node_name,
+        node.pod_cidr.0,
+        node.pod_cidr.1,
+        node.bridge
+    );
+    let images = crate::node::ctr(
+        &node,
+        crate::node::CONTAINERD_NAMESPACE,
+        &["images", "ls", "--quiet"],
+    )?;
+    if !images
+        .lines()
+        .any(|l| l.trim() == crate::oci_image::BUSYBOX_IMAGE)
+    {
+        let temp = tempfile::tempdir().context("temp dir for the image archive")?;
+        let archive = temp.path().join("busybox.tar");
+        crate::oci_image::write_busybox_archive(&archive)?;
+        crate::node::import_image(&node, crate::node::CONTAINERD_NAMESPACE, &archive)?;
+        println!(
+            "imported the image {} (busybox-static; no registry is reachable here)",
+            crate::oci_image::BUSYBOX_IMAGE
+        );
     }
-    let executable = build_control_release()?;
+    print_how_to_use(&url, data_dir, &node);
+    Ok(())
+}
+
+/// Starts `skiff-control serve` from `executable` in the background with its pid file and
+/// log in `data_dir`, waits until it answers `/readyz`, and returns its pid and URL.
+pub fn start_control(
+    executable: &Path,
+    data_dir: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<(u32, String)> {
     fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
     let log = data_dir.join("skiff-control.log");
     let log_file = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
     // setsid gives the server its own session: closing the terminal or ^C does not reach it.
     let mut child = Command::new("setsid")
-        .arg(&executable)
+        .arg(executable)
         .args(["serve", "--listen", &listen.to_string(), "--data-dir"])
         .arg(data_dir)
         .stdin(Stdio::null())
@@ -380,9 +455,7 @@ pub fn up(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    println!("started skiff-control (pid {pid}, log {})", log.display());
-    print_how_to_use(&url, data_dir);
-    Ok(())
+    Ok((pid, url))
 }
 
 fn readyz(url: &str, data_dir: &Path) -> bool {
@@ -408,8 +481,16 @@ fn readyz(url: &str, data_dir: &Path) -> bool {
     })
 }
 
-/// Stops the server `up` started: SIGTERM, then SIGKILL after 5 s.
+/// Stops what `up` started and removes what its node made (pods' processes, mounts, the
+/// bridge, cgroups); the node first, so that no agent outlives its API server. Idempotent.
 pub fn down(data_dir: &Path) -> anyhow::Result<()> {
+    crate::node::stop(&crate::node::Layout::system(data_dir)?, true)?;
+    stop_control(data_dir)
+}
+
+/// Stops the `skiff-control` whose pid file is in `data_dir`: SIGTERM, then SIGKILL after
+/// 5 s.
+pub fn stop_control(data_dir: &Path) -> anyhow::Result<()> {
     let pid_path = pid_file(data_dir);
     let Some(pid) = read_pid(data_dir) else {
         println!(

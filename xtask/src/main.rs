@@ -3,8 +3,11 @@
 
 mod bench_api;
 mod bench_cni;
+mod bench_pods;
 mod bench_sched;
 mod cluster;
+mod node;
+mod oci_image;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,9 +28,10 @@ enum Command {
     Deps,
     /// Builds every binary and test of the workspace (debug).
     Build,
-    /// Installs, builds and starts skiff-control in the background.
+    /// Installs, builds and starts skiff-control and a node of it (containerd and
+    /// skiff-agent) in the background.
     Up(UpArgs),
-    /// Stops the skiff-control that `up` started.
+    /// Stops what `up` started and removes its pods' processes, mounts, bridge and cgroups.
     Down(DownArgs),
     /// Installs, builds, then runs every test of the workspace.
     Test,
@@ -66,6 +70,9 @@ enum Bench {
     /// The scheduler: hollow nodes, then pods created through the API; pods bound per
     /// second, creation-to-binding latency, peak memory.
     Sched(bench_sched::SchedBenchArgs),
+    /// One node: pods created at once through the API until Running, beside the same
+    /// containers started with `ctr run`; the agent's memory with the pods running.
+    Pods(bench_pods::PodsBenchArgs),
 }
 
 fn header(phase: &str) {
@@ -115,6 +122,7 @@ fn main() -> anyhow::Result<ExitCode> {
             println!("        memory with 10 000 pods, and the fsync floor of the same writes");
             println!("  cni   ADD/DEL latency of skiff-cni against the reference plugins");
             println!("  sched pods bound per second at 5 000 hollow nodes");
+            println!("  pods  50 pods created at once on one node until Running, beside `ctr run`");
         }
         Command::Bench {
             bench: Some(Bench::Api(args)),
@@ -125,6 +133,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             bench: Some(Bench::Sched(args)),
         } => bench_sched::run(&args)?,
+        Command::Bench {
+            bench: Some(Bench::Pods(args)),
+        } => bench_pods::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -81,6 +81,9 @@ fn subresource_json(info: &ResourceInfo, subresource: &str) -> Value {
         "binding" => {
             json!({"name": name, "singularName": "", "namespaced": info.namespaced, "kind": "Binding", "verbs": ["create"]})
         }
+        "log" => {
+            json!({"name": name, "singularName": "", "namespaced": info.namespaced, "kind": info.kind, "verbs": ["get"]})
+        }
         "scale" => {
             json!({"name": name, "singularName": "", "namespaced": info.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]})
         }
@@ -326,13 +329,14 @@ mod tests {
             "pods",
             "pods/status",
             "pods/binding",
+            "pods/log",
             "services",
             "namespaces",
             "nodes/status",
             "leases",
         ]
         .iter()
-        .take(6)
+        .take(7)
         {
             assert!(
                 names.contains(expected),

@@ -7,11 +7,14 @@
 //! `strategic_merge`).
 
 pub mod allocator;
+mod cache;
 pub mod defaults;
 mod discovery;
+mod encoding;
 mod objects;
 mod output;
 pub mod printers;
+pub mod proxy;
 pub mod registry;
 pub mod selectors;
 pub mod status;
@@ -47,8 +50,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// How often a watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
-    /// How many objects a list reads from the store per step.
-    pub list_page: usize,
+    /// How many recent events the watch cache keeps per resource, for watches that
+    /// resume from a version.
+    pub watch_history: usize,
 }
 
 impl Default for ApiConfig {
@@ -58,13 +62,15 @@ impl Default for ApiConfig {
             node_ports: 30000..=32767,
             max_body_bytes: 3 * 1024 * 1024,
             bookmark_interval: Duration::from_secs(30),
-            list_page: 500,
+            watch_history: 10_000,
         }
     }
 }
 
 pub struct ApiServer {
     pub(crate) store: Arc<dyn Store>,
+    /// Every object decoded once, for watches and lists.
+    pub(crate) cache: Arc<cache::WatchCache>,
     pub(crate) allocator: ServiceAllocator,
     pub(crate) config: ApiConfig,
     /// Read-modify-write of one key is serialized here, so that racing writers to a hot
@@ -191,7 +197,9 @@ impl ApiServer {
     /// that a fresh cluster has, and rebuilding the Service allocations from the store.
     pub async fn new(store: Arc<dyn Store>, config: ApiConfig) -> anyhow::Result<Arc<Self>> {
         let allocator = ServiceAllocator::new(config.service_cidr, config.node_ports.clone());
+        let cache = cache::WatchCache::start(store.clone(), config.watch_history).await?;
         let server = Arc::new(Self {
+            cache,
             store,
             allocator,
             config,
@@ -341,6 +349,9 @@ impl ApiServer {
                 "{}/{}",
                 request.info.resource, subresource
             )));
+        }
+        if request.subresource.as_deref() == Some("log") {
+            return self.pod_log(request, context).await;
         }
         let watch = request.legacy_watch || context.query.flag("watch");
         match (&context.method, &request.name, watch) {

@@ -8,13 +8,14 @@ use bytes::Bytes;
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::output::{list_response, object_response, scale_of};
+use super::cache::{CachedObject, Filter};
+use super::output::{cached_list_response, list_response, object_response, scale_of};
 use super::registry::ResourceInfo;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::{ApiError, Cause, success_status};
 use super::{
-    ApiServer, Body, Context, ResourceRequest, defaults, json_response, strategic_merge, strategy,
-    validation,
+    ApiServer, Body, Context, Representation, ResourceRequest, bytes_response, defaults, encoding,
+    json_response, strategic_merge, strategy, validation,
 };
 use crate::store::{KeyValue, StoreError};
 
@@ -77,20 +78,70 @@ pub(crate) fn set_resource_version(object: &mut Value, revision: i64) {
     object["metadata"]["resourceVersion"] = json!(revision.to_string());
 }
 
-fn encode_for_store(object: &Value) -> Bytes {
-    let mut object = object.clone();
-    if let Some(metadata) = object["metadata"].as_object_mut() {
-        metadata.remove("resourceVersion");
+/// An object serialized without `metadata.resourceVersion`, without copying it first.
+struct WithoutVersion<'a>(&'a Value);
+
+/// A `metadata` map serialized without its `resourceVersion`.
+struct MetadataWithoutVersion<'a>(&'a serde_json::Map<String, Value>);
+
+impl serde::Serialize for WithoutVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let Value::Object(fields) = self.0 else {
+            return self.0.serialize(serializer);
+        };
+        let mut map = serializer.serialize_map(Some(fields.len()))?;
+        for (key, value) in fields {
+            match value {
+                Value::Object(metadata) if key == "metadata" => {
+                    map.serialize_entry(key, &MetadataWithoutVersion(metadata))?
+                }
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        map.end()
     }
-    Bytes::from(serde_json::to_vec(&object).unwrap_or_default())
 }
 
-fn without_resource_version(object: &Value) -> Value {
-    let mut object = object.clone();
-    if let Some(metadata) = object["metadata"].as_object_mut() {
-        metadata.remove("resourceVersion");
+impl serde::Serialize for MetadataWithoutVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().filter(|(key, _)| *key != "resourceVersion"))
     }
-    object
+}
+
+/// The stored form of an object: its JSON without the version (the store revision is the
+/// version), in an allocation of exactly its size, since the store and the watch cache
+/// keep it for the object's lifetime.
+fn encode_for_store(object: &Value) -> Bytes {
+    let mut bytes = serde_json::to_vec(&WithoutVersion(object)).unwrap_or_default();
+    bytes.shrink_to_fit();
+    Bytes::from(bytes)
+}
+
+/// Whether two objects are equal but for `metadata.resourceVersion` (compared in place).
+fn same_but_version(a: &Value, b: &Value) -> bool {
+    // Maps iterate in key order, so the filtered entries compare pairwise.
+    fn metadata_equal(
+        x: &serde_json::Map<String, Value>,
+        y: &serde_json::Map<String, Value>,
+    ) -> bool {
+        let unversioned = |(key, _): &(&String, &Value)| *key != "resourceVersion";
+        x.iter()
+            .filter(unversioned)
+            .eq(y.iter().filter(unversioned))
+    }
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            a.len() == b.len()
+                && a.iter().all(|(key, value)| match (value, b.get(key)) {
+                    (Value::Object(x), Some(Value::Object(y))) if key == "metadata" => {
+                        metadata_equal(x, y)
+                    }
+                    (value, other) => Some(value) == other,
+                })
+        }
+        _ => a == b,
+    }
 }
 
 fn name_of(object: &Value) -> &str {
@@ -425,6 +476,14 @@ impl ApiServer {
         let name = request.name.as_deref().unwrap_or_default();
         let key = info.object_key(request.namespace.as_deref(), name);
         let stored = self.fetch(info, &key, name).await?;
+        if request.subresource.is_none() && context.representation == Representation::Json {
+            // The stored bytes with their version spliced in: no parse, no serialization.
+            return Ok(bytes_response(
+                StatusCode::OK,
+                "application/json",
+                encoding::object_bytes(&stored.value, stored.mod_revision),
+            ));
+        }
         let object = decode_stored(&stored)?;
         if request.subresource.as_deref() == Some("scale") {
             return Ok(json_response(StatusCode::OK, &scale_of(&object)));
@@ -437,20 +496,23 @@ impl ApiServer {
         ))
     }
 
-    /// Reads the objects of a collection that match the request's selectors.
+    /// The objects of a collection that match the request's selectors, from the watch
+    /// cache, with the list's revision and continue token.
     pub(crate) async fn list_matching(
         &self,
-        info: &ResourceInfo,
+        info: &'static ResourceInfo,
         namespace: Option<&str>,
         context: &Context,
-    ) -> Result<(Vec<Value>, i64, Option<String>), ApiError> {
-        let labels = LabelSelector::parse(context.query.get("labelSelector").unwrap_or(""))
-            .map_err(ApiError::bad_request)?;
-        let fields = FieldSelector::parse(
-            context.query.get("fieldSelector").unwrap_or(""),
-            info.field_selectors,
-        )
-        .map_err(ApiError::bad_request)?;
+    ) -> Result<(Vec<Arc<CachedObject>>, i64, Option<String>), ApiError> {
+        let filter = Filter {
+            labels: LabelSelector::parse(context.query.get("labelSelector").unwrap_or(""))
+                .map_err(ApiError::bad_request)?,
+            fields: FieldSelector::parse(
+                context.query.get("fieldSelector").unwrap_or(""),
+                info.field_selectors,
+            )
+            .map_err(ApiError::bad_request)?,
+        };
         let limit = match context.query.get("limit") {
             None | Some("" | "0") => None,
             Some(text) => Some(
@@ -459,42 +521,36 @@ impl ApiServer {
             ),
         };
         let prefix = info.list_prefix(namespace);
-        let mut start_after = match context.query.get("continue").filter(|c| !c.is_empty()) {
+        let start_after = match context.query.get("continue").filter(|c| !c.is_empty()) {
             Some(token) => Some(format!("{prefix}{}", decode_continue(token)?.start)),
             None => None,
         };
-        let mut items = Vec::new();
-        let mut revision = None;
-        let mut continue_token = None;
-        'pages: loop {
-            let page = self
-                .store
-                .list(&prefix, start_after.as_deref(), Some(self.config.list_page))
-                .await
-                .map_err(|e| ApiError::from_store(e, info, ""))?;
-            let page_revision = *revision.get_or_insert(page.revision);
-            let page_len = page.items.len();
-            for (index, kv) in page.items.iter().enumerate() {
-                let object = decode_stored(kv)?;
-                if !labels.matches(&object) || !fields.matches(&object) {
-                    continue;
-                }
-                items.push(object);
-                if limit.is_some_and(|limit| items.len() >= limit) {
-                    let remaining = index + 1 < page_len || page.more;
-                    if remaining {
-                        let relative = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
-                        continue_token = Some(encode_continue(page_revision, relative));
-                    }
-                    break 'pages;
-                }
-            }
-            if !page.more {
-                break;
-            }
-            start_after = page.items.last().map(|kv| kv.key.clone());
+        // kube-apiserver's semantics: no version is a consistent read (every acknowledged
+        // write is in it), "0" is any recent state, a version is at least that new.
+        let wait_for =
+            match context.query.get("resourceVersion") {
+                None | Some("") => Some(
+                    self.store
+                        .current_revision()
+                        .await
+                        .map_err(|e| ApiError::from_store(e, info, ""))?,
+                ),
+                Some("0") => None,
+                Some(text) => Some(text.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resourceVersion: {text}"))
+                })?),
+            };
+        if let Some(revision) = wait_for {
+            self.cache.wait_for(revision).await?;
         }
-        Ok((items, revision.unwrap_or(0), continue_token))
+        let page = self
+            .cache
+            .list(info, &prefix, start_after.as_deref(), limit, &filter);
+        let continue_token = page.continue_after.map(|key| {
+            let relative = key.strip_prefix(&prefix).unwrap_or(&key);
+            encode_continue(page.revision, relative)
+        });
+        Ok((page.items, page.revision, continue_token))
     }
 
     pub(crate) async fn list(
@@ -506,6 +562,13 @@ impl ApiServer {
         let (items, revision, continue_token) = self
             .list_matching(info, request.namespace.as_deref(), &context)
             .await?;
+        if context.representation == Representation::Json {
+            return Ok(cached_list_response(info, items, revision, continue_token));
+        }
+        let items = items
+            .iter()
+            .map(|item| item.to_value(item.revision))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(list_response(
             info,
             items,
@@ -799,7 +862,7 @@ impl ApiServer {
             if !found.is_empty() {
                 return Err(ApiError::invalid(info, name, &found));
             }
-            if without_resource_version(&new) == without_resource_version(&old) {
+            if same_but_version(&new, &old) {
                 return Ok((old, StatusCode::OK));
             }
             // An object marked for deletion goes away when its last finalizer does.
@@ -1052,6 +1115,7 @@ impl ApiServer {
             .await?;
         let mut deleted = Vec::with_capacity(items.len());
         for item in items {
+            let item = item.to_value(item.revision)?;
             let namespace = item["metadata"]["namespace"].as_str().map(str::to_string);
             match self
                 .delete_object(info, namespace.as_deref(), name_of(&item), &options)
@@ -1230,6 +1294,30 @@ mod tests {
         let decoded = decode_continue(&token).unwrap();
         assert_eq!((decoded.rv, decoded.start.as_str()), (42, "web-7"));
         assert_eq!(decode_continue("%%%").err().unwrap().code, 400);
+    }
+
+    #[test]
+    fn stored_objects_leave_out_only_the_version() {
+        let object = json!({"kind": "Pod", "metadata": {"name": "a", "resourceVersion": "7", "labels": {"resourceVersion": "x"}}, "spec": {"metadata": {"resourceVersion": "y"}}});
+        let stored: Value = serde_json::from_slice(&encode_for_store(&object)).unwrap();
+        let mut expected = object.clone();
+        expected["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("resourceVersion");
+        assert_eq!(stored, expected);
+    }
+
+    #[test]
+    fn objects_that_differ_only_in_version_are_the_same() {
+        let a = json!({"metadata": {"name": "a", "resourceVersion": "1"}, "spec": {"x": 1}});
+        let b = json!({"metadata": {"name": "a", "resourceVersion": "2"}, "spec": {"x": 1}});
+        let c = json!({"metadata": {"name": "a"}, "spec": {"x": 1}});
+        let d = json!({"metadata": {"name": "b"}, "spec": {"x": 1}});
+        let e = json!({"metadata": {"name": "a"}, "spec": {"x": 2}});
+        assert!(same_but_version(&a, &b) && same_but_version(&a, &c));
+        assert!(!same_but_version(&a, &d) && !same_but_version(&a, &e));
+        assert!(!same_but_version(&c, &json!({"metadata": {"name": "a"}})));
     }
 
     #[test]

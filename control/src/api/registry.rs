@@ -158,7 +158,8 @@ pub static RESOURCES: &[ResourceInfo] = &[
         namespaced: true,
         short_names: &["po"],
         categories: &["all"],
-        subresources: &["status", "binding"],
+        // `log` is passed on to the pod's node (`proxy.rs`).
+        subresources: &["status", "binding", "log"],
         field_selectors: POD_FIELDS,
         allow_create_on_update: false,
         decode: typed_round_trip::<core::Pod>,

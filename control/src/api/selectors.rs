@@ -1,5 +1,7 @@
 //! Label and field selectors: parsing the query-string syntax and matching objects.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -234,23 +236,31 @@ impl FieldSelector {
     }
 
     pub fn matches(&self, object: &Value) -> bool {
-        self.requirements.iter().all(|r| {
-            let actual = field_value(object, &r.field);
-            (actual == r.value) == r.equal
-        })
+        self.matches_with(|field| field_value(object, field))
+    }
+
+    /// Whether the fields `value` gives (as [`field_value`] would) satisfy every
+    /// requirement; lets a caller match on fields it extracted once.
+    pub fn matches_with<'a, S: AsRef<str> + 'a>(&self, value: impl Fn(&str) -> S) -> bool {
+        self.requirements
+            .iter()
+            .all(|r| (value(&r.field).as_ref() == r.value) == r.equal)
     }
 }
 
 /// A field's value as field selectors compare it: strings as they are, booleans and numbers
 /// printed, missing fields as the empty string (or "false" for booleans Kubernetes defaults).
-fn field_value(object: &Value, field: &str) -> String {
-    let pointer = format!("/{}", field.replace('.', "/"));
-    match object.pointer(&pointer) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Bool(b)) => b.to_string(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ if matches!(field, "spec.unschedulable" | "spec.hostNetwork") => "false".to_string(),
-        _ => String::new(),
+pub fn field_value<'a>(object: &'a Value, field: &str) -> Cow<'a, str> {
+    let mut value = Some(object);
+    for part in field.split('.') {
+        value = value.and_then(|v| v.get(part));
+    }
+    match value {
+        Some(Value::String(s)) => Cow::Borrowed(s),
+        Some(Value::Bool(b)) => Cow::Owned(b.to_string()),
+        Some(Value::Number(n)) => Cow::Owned(n.to_string()),
+        _ if matches!(field, "spec.unschedulable" | "spec.hostNetwork") => Cow::Borrowed("false"),
+        _ => Cow::Borrowed(""),
     }
 }
 

@@ -185,6 +185,11 @@ impl ApiError {
         Self::new(503, "ServiceUnavailable", message)
     }
 
+    /// 504, as kube-apiserver answers a read at a version its cache has not reached.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "Timeout", message)
+    }
+
     /// Maps a store failure on `info`/`name` to the status a client expects.
     pub fn from_store(error: StoreError, info: &ResourceInfo, name: &str) -> Self {
         match error {

@@ -4,11 +4,17 @@
 //! ADDED events for what exists, then follows changes; a given version replays from
 //! there, or answers an ERROR event with a 410 Status when it is too old. Objects moving in
 //! or out of the selectors appear as ADDED or DELETED. Bookmarks come when asked for.
+//!
+//! Every watch is served from the watch cache ([`super::cache`]): a stream filters the
+//! shared, already decoded events and, for plain JSON, sends the line the cache wrote once
+//! for all watchers. The stream is the response body itself; no task or channel sits
+//! between the cache and the connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -16,28 +22,16 @@ use hyper::{Response, StatusCode};
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-use super::objects::{decode_stored, set_resource_version};
+use super::cache::{
+    CachedEvent, CachedObject, Dispatch, Filter, WatchCache, WatchKind, WatchStart,
+};
 use super::output::{partial_metadata, table};
 use super::registry::ResourceInfo;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::{ApiServer, Body, Context, Representation, ResourceRequest};
-use crate::store::{Event, EventKind, StoreError, WatchStream};
-
-type Frames = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
-
-struct Filter {
-    labels: LabelSelector,
-    fields: FieldSelector,
-}
-
-impl Filter {
-    fn matches(&self, object: &Value) -> bool {
-        self.labels.matches(object) && self.fields.matches(object)
-    }
-}
+use crate::store::{Revision, StoreError};
 
 /// Writes events in the client's representation; a Table's columns go only in the first.
 struct Encoder {
@@ -47,7 +41,31 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn event(&mut self, kind: &str, object: Value) -> Bytes {
+    /// The line of a live event: for plain JSON, the one shared by every watcher.
+    fn dispatched(&mut self, kind: WatchKind, dispatch: &Dispatch) -> Result<Bytes, ApiError> {
+        match self.representation {
+            Representation::Json => Ok(dispatch.line(kind)),
+            _ => {
+                let event = &dispatch.event;
+                self.object(kind, event.object_for(kind), event.revision)
+            }
+        }
+    }
+
+    fn object(
+        &mut self,
+        kind: WatchKind,
+        object: &CachedObject,
+        revision: Revision,
+    ) -> Result<Bytes, ApiError> {
+        match self.representation {
+            Representation::Json => Ok(object.line(kind, revision)),
+            _ => Ok(self.converted(kind, object.to_value(revision)?)),
+        }
+    }
+
+    /// A line for the representations that are built from the decoded object.
+    fn converted(&mut self, kind: WatchKind, object: Value) -> Bytes {
         let object = match self.representation {
             Representation::Json => object,
             Representation::PartialMetadata => partial_metadata(&object),
@@ -64,13 +82,10 @@ impl Encoder {
                 )
             }
         };
-        let mut line =
-            serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
-        line.push(b'\n');
-        Bytes::from(line)
+        line(&json!({"type": kind.as_str(), "object": object}))
     }
 
-    fn bookmark(&self, revision: i64, initial_events_end: bool) -> Bytes {
+    fn bookmark(&self, revision: Revision, initial_events_end: bool) -> Bytes {
         let mut metadata = json!({"resourceVersion": revision.to_string()});
         if initial_events_end {
             metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
@@ -80,50 +95,106 @@ impl Encoder {
             _ => ("PartialObjectMetadata", "meta.k8s.io/v1".to_string()),
         };
         let object = json!({"kind": kind, "apiVersion": api_version, "metadata": metadata});
-        let mut line =
-            serde_json::to_vec(&json!({"type": "BOOKMARK", "object": object})).unwrap_or_default();
-        line.push(b'\n');
-        Bytes::from(line)
+        line(&json!({"type": "BOOKMARK", "object": object}))
     }
 }
 
-fn error_event(error: &ApiError) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": "ERROR", "object": error.to_status()}))
-        .unwrap_or_default();
+fn line(event: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
 
-/// What a store event looks like through the filter, if anything.
-fn translate(event: &Event, filter: &Filter) -> Result<Option<(&'static str, Value)>, ApiError> {
-    let previous = match &event.prev {
-        Some(prev) => {
-            let mut object = decode_stored(prev)?;
-            let passes = filter.matches(&object);
-            set_resource_version(&mut object, event.revision());
-            Some((object, passes))
-        }
-        None => None,
-    };
-    let previous_passes = previous.as_ref().is_some_and(|(_, passes)| *passes);
-    match event.kind {
-        EventKind::Delete => {
-            if !previous_passes {
-                return Ok(None);
+fn error_event(error: &ApiError) -> Bytes {
+    line(&json!({"type": "ERROR", "object": error.to_status()}))
+}
+
+/// One watch, in the order its lines go out: an error (then the end), the initial objects
+/// and their closing bookmark, the replayed events, then the live ones.
+struct WatchEvents {
+    cache: Arc<WatchCache>,
+    info: &'static ResourceInfo,
+    filter: Filter,
+    encoder: Encoder,
+    error: Option<Bytes>,
+    initial: std::vec::IntoIter<Arc<CachedObject>>,
+    initial_events_end: Option<Revision>,
+    replay: std::vec::IntoIter<Arc<CachedEvent>>,
+    live: Option<mpsc::Receiver<Arc<Dispatch>>>,
+    last_revision: Revision,
+    bookmarks: Option<tokio::time::Interval>,
+}
+
+impl WatchEvents {
+    /// The next line to send; `None` ends the stream.
+    async fn next_line(&mut self) -> Option<Bytes> {
+        match self.next_event().await {
+            Ok(line) => line,
+            Err(error) => {
+                self.live = None;
+                Some(error_event(&error))
             }
-            Ok(Some(("DELETED", decode_stored(&event.kv)?)))
         }
-        EventKind::Put => {
-            let current = decode_stored(&event.kv)?;
-            let current_passes = filter.matches(&current);
-            Ok(
-                match (previous.is_some(), previous_passes, current_passes) {
-                    (_, true, true) => Some(("MODIFIED", current)),
-                    (_, false, true) => Some(("ADDED", current)),
-                    (true, true, false) => previous.map(|(object, _)| ("DELETED", object)),
-                    _ => None,
-                },
-            )
+    }
+
+    async fn next_event(&mut self) -> Result<Option<Bytes>, ApiError> {
+        if let Some(error) = self.error.take() {
+            self.live = None;
+            return Ok(Some(error));
+        }
+        if let Some(object) = self.initial.next() {
+            let revision = object.revision;
+            return self
+                .encoder
+                .object(WatchKind::Added, &object, revision)
+                .map(Some);
+        }
+        if let Some(revision) = self.initial_events_end.take() {
+            return Ok(Some(self.encoder.bookmark(revision, true)));
+        }
+        for event in self.replay.by_ref() {
+            self.last_revision = event.revision;
+            if let Some(kind) = event.seen_through(self.info, &self.filter) {
+                return self
+                    .encoder
+                    .object(kind, event.object_for(kind), event.revision)
+                    .map(Some);
+            }
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            let tick = async {
+                match self.bookmarks.as_mut() {
+                    Some(bookmarks) => {
+                        bookmarks.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                dispatch = live.recv() => {
+                    // The cache ends a watcher that fell behind; its client resumes.
+                    let Some(dispatch) = dispatch else {
+                        return Ok(None);
+                    };
+                    self.last_revision = dispatch.event.revision;
+                    if let Some(kind) = dispatch.event.seen_through(self.info, &self.filter) {
+                        return self.encoder.dispatched(kind, &dispatch).map(Some);
+                    }
+                }
+                () = tick => {
+                    // With nothing queued, the watcher has seen every event of its keys up
+                    // to the cache's revision (the cache publishes it after dispatching),
+                    // so the bookmark can report that progress.
+                    let progress = self.cache.revision();
+                    if live.is_empty() {
+                        self.last_revision = self.last_revision.max(progress);
+                    }
+                    return Ok(Some(self.encoder.bookmark(self.last_revision, false)));
+                }
+            }
         }
     }
 }
@@ -167,10 +238,11 @@ impl ApiServer {
             .map_err(ApiError::bad_request)?;
         let filter = Filter { labels, fields };
         let bookmarks = query.flag("allowWatchBookmarks");
+        let version = query.get("resourceVersion").unwrap_or("");
         let send_initial = match query.get("sendInitialEvents") {
             Some("true") => true,
             Some("false") => false,
-            _ => matches!(query.get("resourceVersion"), None | Some("" | "0")),
+            _ => matches!(version, "" | "0"),
         };
         let timeout =
             match query.get("timeoutSeconds") {
@@ -181,184 +253,86 @@ impl ApiServer {
                 None => Duration::from_secs(rand::rng().random_range(1800..3600)),
             };
         let prefix = info.list_prefix(request.namespace.as_deref());
-
-        let (frames, receiver) = mpsc::channel(64);
-        let mut encoder = Encoder {
-            info,
-            representation: context.representation,
-            columns_sent: false,
+        let parse_version = |text: &str| {
+            text.parse::<Revision>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion: {text}")))
         };
-        // The initial state and the watch start are decided before the response begins so
-        // that a bad resourceVersion is an error response, and a stale one an ERROR event.
-        let mut initial = Vec::new();
-        let start = if send_initial {
-            let page = self
-                .store
-                .list(&prefix, None, None)
-                .await
-                .map_err(|e| ApiError::from_store(e, info, ""))?;
-            for kv in &page.items {
-                let object = decode_stored(kv)?;
-                if filter.matches(&object) {
-                    initial.push(encoder.event("ADDED", object));
-                }
+        // The start is decided before the response begins, so that a bad resourceVersion
+        // is an error response, and a stale one an ERROR event.
+        let start = match (send_initial, version) {
+            // "Most recent": the snapshot must include every acknowledged write.
+            (true, "") => {
+                let current = self
+                    .store
+                    .current_revision()
+                    .await
+                    .map_err(|e| ApiError::from_store(e, info, ""))?;
+                self.cache.wait_for(current).await?;
+                WatchStart::Snapshot
             }
-            page.revision
-        } else {
-            let text = query.get("resourceVersion").unwrap_or("0");
-            text.parse::<i64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion: {text}")))?
-        };
-        let stream = match self.store.watch(&prefix, start).await {
-            Ok(stream) => Ok(stream),
-            Err(error @ StoreError::Compacted { .. }) => Err(ApiError::from_store(error, info, "")),
-            Err(error) => return Err(ApiError::from_store(error, info, "")),
-        };
-        let interval = self.config.bookmark_interval;
-        tokio::spawn(async move {
-            let run = async {
-                for line in initial {
-                    send(&frames, line).await?;
+            (true, "0") => WatchStart::Snapshot,
+            (true, text) => {
+                self.cache.wait_for(parse_version(text)?).await?;
+                WatchStart::Snapshot
+            }
+            (false, "" | "0") => WatchStart::Now,
+            (false, text) => {
+                // A version the cache has not applied yet (just read from the store by
+                // the client) is waited for rather than missed.
+                let after = parse_version(text)?;
+                if after > self.cache.revision() {
+                    self.cache.wait_for(after).await?;
                 }
-                let mut stream = match stream {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        send(&frames, error_event(&error)).await?;
-                        return None;
-                    }
-                };
+                WatchStart::After(after)
+            }
+        };
+        let mut events = WatchEvents {
+            cache: self.cache.clone(),
+            info,
+            filter,
+            encoder: Encoder {
+                info,
+                representation: context.representation,
+                columns_sent: false,
+            },
+            error: None,
+            initial: Vec::new().into_iter(),
+            initial_events_end: None,
+            replay: Vec::new().into_iter(),
+            live: None,
+            last_revision: 0,
+            bookmarks: None,
+        };
+        match self.cache.watch(info, &prefix, start, &events.filter) {
+            Ok(registration) => {
                 if send_initial && bookmarks {
-                    send(&frames, encoder.bookmark(start, true)).await?;
+                    events.initial_events_end = Some(registration.start);
                 }
-                follow(
-                    &mut stream,
-                    &filter,
-                    &mut encoder,
-                    &frames,
-                    start,
-                    bookmarks.then_some(interval),
-                )
-                .await
-            };
-            let _ = tokio::time::timeout(timeout, run).await;
-        });
+                events.initial = registration.initial.into_iter();
+                events.replay = registration.replay.into_iter();
+                events.live = Some(registration.live);
+                events.last_revision = registration.start;
+                let every = self.config.bookmark_interval;
+                events.bookmarks = bookmarks
+                    .then(|| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+            }
+            Err(error @ StoreError::Compacted { .. }) => {
+                events.error = Some(error_event(&ApiError::from_store(error, info, "")));
+            }
+            Err(error) => return Err(ApiError::from_store(error, info, "")),
+        }
 
-        let body = StreamBody::new(ReceiverStream::new(receiver)).boxed();
+        let stream = futures::stream::unfold(events, |mut events| async move {
+            let line = events.next_line().await?;
+            Some((Ok::<_, std::io::Error>(Frame::data(line)), events))
+        })
+        .take_until(tokio::time::sleep(timeout));
+        let body = BodyExt::boxed(StreamBody::new(stream));
         let mut response = Response::new(body);
         *response.status_mut() = StatusCode::OK;
         response
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(response)
-    }
-}
-
-async fn send(frames: &Frames, line: Bytes) -> Option<()> {
-    frames.send(Ok(Frame::data(line))).await.ok()
-}
-
-/// Forwards store events until the client goes away or the store ends the watch.
-async fn follow(
-    stream: &mut WatchStream,
-    filter: &Filter,
-    encoder: &mut Encoder,
-    frames: &Frames,
-    start: i64,
-    bookmark_interval: Option<Duration>,
-) -> Option<()> {
-    let mut last_revision = start;
-    let mut ticker = bookmark_interval
-        .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
-    loop {
-        let tick = async {
-            match ticker.as_mut() {
-                Some(ticker) => {
-                    ticker.tick().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            event = stream.next() => {
-                let event = event?;
-                last_revision = event.revision();
-                match translate(&event, filter) {
-                    Ok(Some((kind, object))) => send(frames, encoder.event(kind, object)).await?,
-                    Ok(None) => {}
-                    Err(error) => {
-                        send(frames, error_event(&error)).await?;
-                        return None;
-                    }
-                }
-            }
-            _ = tick => send(frames, encoder.bookmark(last_revision, false)).await?,
-            _ = frames.closed() => return None,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::KeyValue;
-
-    fn kv(labels: Value, revision: i64) -> KeyValue {
-        KeyValue {
-            key: "/registry/core/pods/default/a".into(),
-            value: Bytes::from(
-                serde_json::to_vec(&json!({"metadata": {"name": "a", "labels": labels}})).unwrap(),
-            ),
-            create_revision: 1,
-            mod_revision: revision,
-        }
-    }
-
-    fn filter(selector: &str) -> Filter {
-        Filter {
-            labels: LabelSelector::parse(selector).unwrap(),
-            fields: FieldSelector::default(),
-        }
-    }
-
-    #[test]
-    fn objects_moving_across_the_selector_are_added_and_deleted() {
-        let put = |prev: Option<KeyValue>, cur: KeyValue| Event {
-            kind: EventKind::Put,
-            kv: cur,
-            prev,
-        };
-        let f = filter("app=web");
-        let event = put(None, kv(json!({"app": "web"}), 2));
-        assert_eq!(translate(&event, &f).unwrap().unwrap().0, "ADDED");
-        let event = put(
-            Some(kv(json!({"app": "web"}), 2)),
-            kv(json!({"app": "web", "x": "y"}), 3),
-        );
-        assert_eq!(translate(&event, &f).unwrap().unwrap().0, "MODIFIED");
-        let event = put(
-            Some(kv(json!({"app": "web"}), 3)),
-            kv(json!({"app": "api"}), 4),
-        );
-        let (kind, object) = translate(&event, &f).unwrap().unwrap();
-        assert_eq!(
-            (kind, object["metadata"]["resourceVersion"].as_str()),
-            ("DELETED", Some("4"))
-        );
-        let event = put(
-            Some(kv(json!({"app": "api"}), 4)),
-            kv(json!({"app": "web"}), 5),
-        );
-        assert_eq!(translate(&event, &f).unwrap().unwrap().0, "ADDED");
-        let event = put(
-            Some(kv(json!({"app": "api"}), 5)),
-            kv(json!({"app": "db"}), 6),
-        );
-        assert!(translate(&event, &f).unwrap().is_none());
-        let deleted = Event {
-            kind: EventKind::Delete,
-            kv: kv(json!({"app": "web"}), 7),
-            prev: Some(kv(json!({"app": "web"}), 6)),
-        };
-        assert_eq!(translate(&deleted, &f).unwrap().unwrap().0, "DELETED");
     }
 }

@@ -33,8 +33,10 @@ const REDB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 const MAX_BATCH: usize = 1024;
 
 /// Room in a watcher's queue beyond its backlog; a watcher that falls further behind is
-/// closed and must restart from its last revision.
-const WATCH_QUEUE: usize = 4096;
+/// closed and must restart from its last revision. The API server's watch cache is the
+/// one watcher that sees every write, so this is a few seconds of writes at full load
+/// (the queue's memory grows only with what is waiting).
+const WATCH_QUEUE: usize = 1 << 16;
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
