@@ -53,17 +53,22 @@ const TARGET_P99: Duration = Duration::from_secs(1);
 const TARGET_RATIO: f64 = 2.0;
 const TARGET_RSS_MB: f64 = 30.0;
 
-/// Removes everything the bench started when dropped, in order: the node, the floor's
-/// cgroup, the control plane, the temp dir (unless kept).
-struct Cleanup {
+/// What the bench started, removed in order by [`Leftovers::remove`]: the node, the
+/// floor's cgroup, the control plane, the temp dir (unless kept).
+#[derive(Default)]
+struct Leftovers {
     layout: Option<Layout>,
     floor_cgroup: Option<PathBuf>,
-    control_dir: PathBuf,
-    temp: Option<tempfile::TempDir>,
+    control_dir: Option<PathBuf>,
+    temp_dir: Option<PathBuf>,
+    removed: bool,
 }
 
-impl Drop for Cleanup {
-    fn drop(&mut self) {
+impl Leftovers {
+    fn remove(&mut self) {
+        if std::mem::replace(&mut self.removed, true) {
+            return;
+        }
         if let Some(layout) = &self.layout
             && let Err(error) = node::stop(layout, false)
         {
@@ -73,18 +78,60 @@ impl Drop for Cleanup {
             node::kill_cgroup(cgroup);
             node::remove_cgroup_tree(cgroup);
         }
-        if self.control_dir.join("skiff-control.pid").exists()
-            && let Err(error) = cluster::stop_control(&self.control_dir)
+        if let Some(control_dir) = &self.control_dir
+            && control_dir.join("skiff-control.pid").exists()
+            && let Err(error) = cluster::stop_control(control_dir)
         {
             eprintln!("bench cleanup: {error:#}");
         }
-        if let Some(temp) = self.temp.take() {
-            // The node's shared mounts are gone (node::stop), so this removes files only.
-            if let Err(error) = fs::remove_dir_all(temp.path()) {
-                eprintln!("bench cleanup: remove {}: {error}", temp.path().display());
-            }
+        // The node's shared mounts are gone (node::stop), so this removes files only.
+        if let Some(dir) = &self.temp_dir
+            && let Err(error) = fs::remove_dir_all(dir)
+        {
+            eprintln!("bench cleanup: remove {}: {error}", dir.display());
         }
     }
+}
+
+/// Removes the leftovers when dropped (the bench ended or failed), or on ^C: the daemons
+/// run in sessions of their own, so an interrupted bench would leave them running.
+struct Cleanup(Arc<Mutex<Leftovers>>);
+
+impl Cleanup {
+    fn new() -> Self {
+        let leftovers: Arc<Mutex<Leftovers>> = Arc::default();
+        let on_interrupt = leftovers.clone();
+        std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
+                eprintln!("interrupted: removing what the bench started");
+                lock(&on_interrupt).remove();
+                std::process::exit(130);
+            }
+        });
+        Self(leftovers)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Leftovers)) {
+        change(&mut lock(&self.0));
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        lock(&self.0).remove();
+    }
+}
+
+fn lock(leftovers: &Mutex<Leftovers>) -> std::sync::MutexGuard<'_, Leftovers> {
+    leftovers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A pod subnet no host route overlaps (and not `up`'s 10.244.0.0/24).
@@ -535,15 +582,14 @@ pub fn run(args: &PodsBenchArgs) -> anyhow::Result<()> {
         .bytes()
         .fold(0u32, |h, b| h.wrapping_mul(31) + u32::from(b));
     let control_dir = root.join("control");
-    let mut cleanup = Cleanup {
-        layout: None,
-        floor_cgroup: None,
-        control_dir: control_dir.clone(),
-        temp: Some(temp),
-    };
+    // The guard removes the directory (unless kept), after the mounts in it are gone.
+    let _ = temp.keep();
+    let cleanup = Cleanup::new();
+    cleanup.update(|l| {
+        l.control_dir = Some(control_dir.clone());
+        l.temp_dir = (!args.keep).then(|| root.clone());
+    });
     if args.keep {
-        // Keep the files; the guard still stops everything else.
-        cleanup.temp.take().map(tempfile::TempDir::keep);
         println!("keeping {}", root.display());
     }
 
@@ -568,12 +614,13 @@ pub fn run(args: &PodsBenchArgs) -> anyhow::Result<()> {
         kubeconfig: kubeconfig_path.clone(),
         client_ca: Some(control_dir.join("pki").join("ca.crt")),
         agent_log_filter: "info".into(),
+        eviction_hard: node::DEV_EVICTION_HARD.into(),
     };
-    cleanup.layout = Some(layout.clone());
+    cleanup.update(|l| l.layout = Some(layout.clone()));
     let started = node::start(&layout, &binaries)?;
     let cgroup_root = node::cgroup2_root()?;
     let floor_cgroup = format!("skiff-bench-floor-{suffix}");
-    cleanup.floor_cgroup = Some(cgroup_root.join(&floor_cgroup));
+    cleanup.update(|l| l.floor_cgroup = Some(cgroup_root.join(&floor_cgroup)));
 
     let archive = root.join("busybox.tar");
     oci_image::write_busybox_archive(&archive)?;
@@ -610,6 +657,10 @@ pub fn run(args: &PodsBenchArgs) -> anyhow::Result<()> {
         floor_cgroup.clone(),
         "floor-warmup".to_string(),
     ))?;
+    // Other users of a shared machine slow both sides alike; the load says how busy it was.
+    let load_before = fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
     let floor_cpu_before = CpuSample::take(&watched, &watched.floor_cgroup);
     let floor_clock = Instant::now();
     let floor = runtime.block_on(floor(&layout, &floor_cgroup, args.pods))?;
@@ -673,9 +724,10 @@ pub fn run(args: &PodsBenchArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "pod startup, {} at once on one node ({} CPUs)",
+        "pod startup, {} at once on one node ({} CPUs; load average before the floor: {})",
         args.pods,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_before
     );
     println!("  {:<44} {:>8} {:>8} {:>7}", "", "p50 ms", "p99 ms", "n");
     println!(

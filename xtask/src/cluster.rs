@@ -19,15 +19,27 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iproute2", "`ip` for network namespaces and veths in tests"),
     ("nftables", "`nft` for the CNI tests' reference rules"),
-    ("containerd", "the container runtime the agent drives through its native API"),
-    ("runc", "the OCI runtime containerd's shim runs containers with"),
+    (
+        "containerd",
+        "the container runtime the agent drives through its native API",
+    ),
+    (
+        "runc",
+        "the OCI runtime containerd's shim runs containers with",
+    ),
     (
         "protobuf-compiler",
         "`protoc`, which containerd-client's build script needs",
     ),
-    ("docker-registry", "a real OCI registry on loopback for image pull tests"),
+    (
+        "docker-registry",
+        "a real OCI registry on loopback for image pull tests",
+    ),
     ("skopeo", "pushes test images to the local registry"),
-    ("busybox-static", "the static binary test images are built from"),
+    (
+        "busybox-static",
+        "the static binary test images are built from",
+    ),
 ];
 
 /// The workspace root (the parent of this crate).
@@ -311,7 +323,7 @@ fn print_how_to_use(url: &str, data_dir: &Path, node: &crate::node::Layout) {
     );
     println!("  kubectl get nodes");
     println!(
-        "  kubectl run hello --image={} -- sleep 3600",
+        "  kubectl run hello --image={} -- sh -c 'echo hello from skiff; sleep 3600'",
         crate::oci_image::BUSYBOX_IMAGE
     );
     println!("  kubectl logs hello; kubectl delete pod hello");
