@@ -41,6 +41,16 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Fails with a message saying why when the test does not run as root (effective uid 0).
+pub fn require_root(why: &str) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    assert_eq!(euid, Some("0"), "{why} and needs root");
+}
+
 /// Fails with a clear message when a tool the test needs is not installed.
 pub fn require_tool(name: &str, hint: &str) {
     let found = Command::new("sh")

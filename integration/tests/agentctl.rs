@@ -21,16 +21,7 @@ const REPOSITORY: &str = "skiff.test/agentctl";
 const IMAGE: &str = "skiff.test/agentctl:1";
 
 fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        == Some("0");
-    assert!(
-        root,
-        "this test runs containers, namespaces and cgroups and needs root"
-    );
+    integration::require_root("this test runs containers, namespaces and cgroups");
 }
 
 /// The node's location flags, as the agent was started with them.

@@ -4,7 +4,6 @@
 //! `cgroup.controllers` offers, not with a hard-coded host), and removal that kills.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -17,10 +16,7 @@ use skiff_agent::cgroups::{
 };
 
 fn require_root() {
-    let uid = std::fs::metadata("/proc/self")
-        .expect("stat /proc/self")
-        .uid();
-    assert_eq!(uid, 0, "the cgroup tests need root (they create cgroups)");
+    integration::require_root("the cgroup tests create cgroups");
 }
 
 fn cgroup2_mount() -> Cgroup2Mount {

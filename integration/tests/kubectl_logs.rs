@@ -26,16 +26,7 @@ struct Cluster {
 }
 
 fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        == Some("0");
-    assert!(
-        root,
-        "these tests run containers, namespaces and cgroups and need root"
-    );
+    integration::require_root("these tests run containers, namespaces and cgroups");
 }
 
 fn cluster() -> Cluster {

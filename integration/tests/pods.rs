@@ -21,16 +21,7 @@ struct Cluster {
 }
 
 fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        == Some("0");
-    assert!(
-        root,
-        "these tests run containers, namespaces and cgroups and need root"
-    );
+    integration::require_root("these tests run containers, namespaces and cgroups");
 }
 
 fn cluster() -> Cluster {
@@ -165,6 +156,21 @@ impl Cluster {
         }
     }
 
+    /// No address of the node's subnet is still reserved by IPAM.
+    fn assert_no_ip_reservations(&self) {
+        let reservations: Vec<_> = walk(&self.node.state_dir.join("ipam"))
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&self.node.subnet))
+            })
+            .collect();
+        assert!(
+            reservations.is_empty(),
+            "IP reservations leaked: {reservations:?}"
+        );
+    }
+
     fn log_file(&self, pod: &Value, container: &str, attempt: u32) -> PathBuf {
         let meta = &pod["metadata"];
         self.node
@@ -282,17 +288,7 @@ fn a_pod_runs_with_its_network_cgroup_and_logs_then_deletes_cleanly() {
     );
     let sandboxes = skiff_agent::sandbox::list(&cluster.node.run_dir).unwrap();
     assert!(sandboxes.is_empty(), "sandbox left behind: {sandboxes:?}");
-    let reservations: Vec<_> = walk(&cluster.node.state_dir.join("ipam"))
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&cluster.node.subnet))
-        })
-        .collect();
-    assert!(
-        reservations.is_empty(),
-        "IP reservation left behind: {reservations:?}"
-    );
+    cluster.assert_no_ip_reservations();
     assert!(!log_path.exists(), "log of a deleted pod left behind");
     drop(cluster.containerd.ctr(&["containers", "list"]));
 }
@@ -460,17 +456,7 @@ fn containerd_restarts_and_pods_keep_running_without_leaks() {
     for name in ["calm-0", "calm-1", "calm-2", "after"] {
         cluster.wait_gone(name, Duration::from_secs(30));
     }
-    let reservations: Vec<_> = walk(&cluster.node.state_dir.join("ipam"))
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&cluster.node.subnet))
-        })
-        .collect();
-    assert!(
-        reservations.is_empty(),
-        "IP reservations leaked: {reservations:?}"
-    );
+    cluster.assert_no_ip_reservations();
     assert!(cluster.node.pod_cgroups().is_empty(), "pod cgroups leaked");
 }
 

@@ -18,16 +18,7 @@ use serde_json::Value;
 use skiff_agent::routes::{ROUTE_PROTOCOL, Routes, RoutesConfig};
 
 fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("Uid line");
-    assert_eq!(
-        euid, "0",
-        "this test creates a network namespace and needs root"
-    );
+    integration::require_root("this test creates a network namespace");
     integration::require_tool("ip", "apt-get install -y iproute2");
 }
 

@@ -24,16 +24,7 @@ use skiff_agent::sandbox::{self, Namespace, Sandbox, files};
 const REFERENCE_DIR: &str = "/usr/lib/cni";
 
 fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("Uid line");
-    assert_eq!(
-        euid, "0",
-        "these tests create namespaces and mounts and need root"
-    );
+    integration::require_root("these tests create namespaces and mounts");
     integration::require_tool("ip", "apt-get install -y iproute2");
 }
 
