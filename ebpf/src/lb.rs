@@ -1,0 +1,274 @@
+//! Rust mirrors of `include/lb.h`: map names, flags, and the `#[repr(C)]` keys and values,
+//! with their sizes and field offsets asserted at compile time against the C layout.
+//!
+//! Addresses and ports are kept in network byte order exactly as the kernel sees them;
+//! the constructors and accessors take and give `Ipv4Addr` and host-order ports.
+#![allow(unsafe_code, reason = "aya::Pod is an unsafe trait; each impl says why it holds")]
+
+use std::mem::{offset_of, size_of};
+use std::net::Ipv4Addr;
+
+/// Map names, also their file names under the agent's bpffs directory.
+pub const SERVICES_MAP: &str = "lb4_services";
+pub const BACKENDS_MAP: &str = "lb4_backends";
+pub const REVNAT_MAP: &str = "lb4_revnat";
+pub const REVERSE_SK_MAP: &str = "lb4_reverse_sk";
+pub const AFFINITY_MAP: &str = "lb_affinity";
+pub const BACKEND_STATS_MAP: &str = "lb_be_stats";
+
+/// Program names in the socket object, in attach order.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "skiff_connect4",
+    "skiff_sendmsg4",
+    "skiff_recvmsg4",
+    "skiff_getpeername4",
+];
+
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+pub const SVC_AFFINITY: u8 = 1 << 0;
+pub const SVC_NODEPORT: u8 = 1 << 1;
+pub const SVC_EXTERNAL_IP: u8 = 1 << 2;
+pub const SVC_LOCAL: u8 = 1 << 3;
+
+pub const BACKEND_TERMINATING: u8 = 1 << 0;
+pub const BACKEND_LOCAL: u8 = 1 << 1;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+fn be_address(address: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(address.octets())
+}
+
+fn address_of(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+/// `struct lb4_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4Key {
+    pub address: u32,
+    pub dport: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+
+impl Lb4Key {
+    pub fn new(address: Ipv4Addr, port: u16, proto: u8, scope: u8, backend_slot: u16) -> Self {
+        Self {
+            address: be_address(address),
+            dport: port.to_be(),
+            backend_slot,
+            proto,
+            scope,
+            pad: [0; 2],
+        }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        address_of(self.address)
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.dport)
+    }
+
+    /// The same frontend at another slot.
+    pub fn with_slot(mut self, backend_slot: u16) -> Self {
+        self.backend_slot = backend_slot;
+        self
+    }
+}
+
+/// `struct lb4_service`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Service {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_index: u16,
+    pub affinity_timeout: u32,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct lb4_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4Backend {
+    pub address: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+impl Lb4Backend {
+    pub fn new(address: Ipv4Addr, port: u16, proto: u8, flags: u8) -> Self {
+        Self {
+            address: be_address(address),
+            port: port.to_be(),
+            proto,
+            flags,
+        }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        address_of(self.address)
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// `struct lb4_reverse_nat`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4ReverseNat {
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+impl Lb4ReverseNat {
+    pub fn new(address: Ipv4Addr, port: u16) -> Self {
+        Self {
+            address: be_address(address),
+            port: port.to_be(),
+            pad: 0,
+        }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        address_of(self.address)
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// `struct lb4_reverse_sk_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4ReverseSkKey {
+    pub cookie: u64,
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct lb4_reverse_sk_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4ReverseSkValue {
+    pub address: u32,
+    pub port: u16,
+    pub rev_nat_index: u16,
+}
+
+/// `struct lb_affinity_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinityKey {
+    pub client: u64,
+    pub rev_nat_index: u16,
+    pub scope: u8,
+    pub pad: [u8; 5],
+}
+
+/// `struct lb_affinity_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
+/// `struct lb_backend_stats`, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbBackendStats {
+    pub connections: u64,
+}
+
+// SAFETY: every type below is `#[repr(C)]`, made only of integers and integer arrays with
+// explicit padding fields (no implicit padding, checked by the size asserts), so any bit
+// pattern is a valid value and every byte is initialized.
+unsafe impl aya::Pod for Lb4Key {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Lb4Service {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Lb4Backend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Lb4ReverseNat {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Lb4ReverseSkKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Lb4ReverseSkValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinityKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbAffinityValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbBackendStats {}
+
+macro_rules! assert_layout {
+    ($type:ty, $size:expr, $($field:ident @ $offset:expr),*) => {
+        const _: () = assert!(size_of::<$type>() == $size);
+        $(const _: () = assert!(offset_of!($type, $field) == $offset);)*
+    };
+}
+
+assert_layout!(Lb4Key, 12, address @ 0, dport @ 4, backend_slot @ 6, proto @ 8, scope @ 9, pad @ 10);
+assert_layout!(Lb4Service, 16, backend_id @ 0, count @ 4, rev_nat_index @ 6, affinity_timeout @ 8, flags @ 12, pad @ 13);
+assert_layout!(Lb4Backend, 8, address @ 0, port @ 4, proto @ 6, flags @ 7);
+assert_layout!(Lb4ReverseNat, 8, address @ 0, port @ 4, pad @ 6);
+assert_layout!(Lb4ReverseSkKey, 16, cookie @ 0, address @ 8, port @ 12, pad @ 14);
+assert_layout!(Lb4ReverseSkValue, 8, address @ 0, port @ 4, rev_nat_index @ 6);
+assert_layout!(LbAffinityKey, 16, client @ 0, rev_nat_index @ 8, scope @ 10, pad @ 11);
+assert_layout!(LbAffinityValue, 16, last_used_ns @ 0, backend_id @ 8, pad @ 12);
+assert_layout!(LbBackendStats, 8, connections @ 0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_network_order() {
+        let key = Lb4Key::new(Ipv4Addr::new(10, 96, 0, 1), 443, IPPROTO_TCP, SCOPE_INTERNAL, 0);
+        // The kernel compares bytes: the address and port must sit in memory big-endian.
+        assert_eq!(key.address.to_ne_bytes(), [10, 96, 0, 1]);
+        assert_eq!(key.dport.to_ne_bytes(), [1, 187]);
+        assert_eq!(key.address(), Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(key.port(), 443);
+        assert_eq!(key.with_slot(3).backend_slot, 3);
+        let backend = Lb4Backend::new(Ipv4Addr::new(10, 244, 1, 7), 8080, IPPROTO_UDP, 0);
+        assert_eq!((backend.address(), backend.port()), (Ipv4Addr::new(10, 244, 1, 7), 8080));
+    }
+
+    #[test]
+    fn the_socket_object_has_btf_maps_and_programs() {
+        let object = aya_obj_names(SOCK_OBJECT_FOR_TEST);
+        for name in [SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, REVERSE_SK_MAP, AFFINITY_MAP, BACKEND_STATS_MAP]
+            .into_iter()
+            .chain(SOCK_PROGRAMS)
+        {
+            assert!(object.contains(name), "{name} missing from sock.o");
+        }
+    }
+
+    use crate::SOCK_OBJECT as SOCK_OBJECT_FOR_TEST;
+
+    /// The symbol names in an ELF object, found by their bytes in its string table: enough
+    /// to see that clang kept every map and program, without an ELF parser.
+    fn aya_obj_names(object: &[u8]) -> String {
+        String::from_utf8_lossy(object).into_owned()
+    }
+}
