@@ -19,3 +19,48 @@ pub mod desired;
 pub mod inspect;
 pub mod programmer;
 pub mod sync;
+pub mod tc;
+
+use std::path::PathBuf;
+
+/// What can go wrong between the agent and the kernel's load balancer state.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error("{call} {path}: {source}")]
+    Io {
+        call: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load the {object} BPF object (maps pinned under {bpffs_dir}): {source}")]
+    Load {
+        object: &'static str,
+        bpffs_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {map}: {operation}: {source}")]
+    Map {
+        map: &'static str,
+        operation: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// A map has no room for an entry; the frontend named is left as it was.
+    #[error("map {map} is full ({max_entries} entries): {frontend} not programmed; raise --lb-max-{flag}")]
+    MapFull {
+        map: &'static str,
+        max_entries: u32,
+        frontend: String,
+        flag: &'static str,
+    },
+    #[error("{0}")]
+    Exhausted(String),
+}

@@ -168,6 +168,24 @@ struct {
 } lb_be_stats SEC(".maps");
 
 /*
+ * What a frontend is, for people: "namespace/name:port kind", NUL-padded. The programs
+ * never read it; the agent writes it beside the frontend so that agentctl names services
+ * while the agent is down.
+ */
+struct lb4_frontend_name {
+	char name[128]; /* UTF-8, NUL-padded */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u16);
+	__type(value, struct lb4_frontend_name);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb4_names SEC(".maps");
+
+/*
  * Picks the backend for a frontend's service entry: the client's affine backend while its
  * affinity holds, else a random slot. Returns NULL when the service has no backend.
  */
@@ -227,5 +245,49 @@ static __always_inline void lb_count_connection(__u32 backend_id)
 	if (stats)
 		stats->connections++;
 }
+
+/*
+ * Connection tracking of the tc programs (`tc.c`): NodePorts, externalIPs and LoadBalancer
+ * IPs reached from outside the node are translated per packet, so every flow is recorded
+ * once per direction and later packets follow the record, not the service entries.
+ * Removing a backend therefore leaves its open flows alone.
+ *
+ * A flow has two entries in `ct4`, both keyed by a packet's tuple as it reaches tc before
+ * translation: CT_DIR_ORIGINAL for client → frontend, CT_DIR_REPLY for backend → client
+ * (or → the SNAT address and port). The value of each is that packet's tuple after
+ * translation, so one rewrite routine serves both directions.
+ */
+#define CT_DIR_ORIGINAL 0 /* client → frontend, as the client sent it */
+#define CT_DIR_REPLY 1 /* backend → client (or SNAT address), as the backend sent it */
+
+/* ct4_value.flags; CT_F_CLOSING is kept on the CT_DIR_ORIGINAL entry only. */
+#define CT_F_SNAT (1 << 0) /* source translated to a node address: policy Cluster, remote backend */
+#define CT_F_CLOSING (1 << 1) /* TCP FIN or RST seen in either direction */
+
+struct ct4_key {
+	__be32 saddr; /* source IPv4 of the packet before translation, network order */
+	__be32 daddr; /* destination IPv4 before translation, network order */
+	__be16 sport; /* source port before translation, network order */
+	__be16 dport; /* destination port before translation, network order */
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 dir; /* CT_DIR_* */
+	__u8 pad[2]; /* zero */
+};
+
+struct ct4_value {
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() of a recent packet, updated at most once a second */
+	__be32 saddr; /* new source: ORIGINAL: client or SNAT address; REPLY: frontend, network order */
+	__be32 daddr; /* new destination: ORIGINAL: backend; REPLY: client, network order */
+	__be16 sport; /* new source port: ORIGINAL: client's or SNAT port; REPLY: frontend port */
+	__be16 dport; /* new destination port: ORIGINAL: backend port; REPLY: client's port */
+	__u32 backend_id; /* key into lb4_backends of the flow's backend */
+	__u16 rev_nat_index; /* the frontend, key into lb4_revnat */
+	__u8 flags; /* CT_F_* */
+	__u8 pad[5]; /* zero */
+};
+
+#ifndef LB_MAX_CT
+#define LB_MAX_CT 262144 /* default size of ct4; a SNATed flow takes two entries */
+#endif
 
 #endif /* SKIFF_LB_H */

@@ -15,6 +15,7 @@ pub const REVNAT_MAP: &str = "lb4_revnat";
 pub const REVERSE_SK_MAP: &str = "lb4_reverse_sk";
 pub const AFFINITY_MAP: &str = "lb_affinity";
 pub const BACKEND_STATS_MAP: &str = "lb_be_stats";
+pub const NAMES_MAP: &str = "lb4_names";
 
 /// Program names in the socket object, in attach order.
 pub const SOCK_PROGRAMS: [&str; 4] = [
@@ -191,6 +192,31 @@ pub struct LbAffinityValue {
     pub pad: u32,
 }
 
+/// `struct lb4_frontend_name`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lb4FrontendName {
+    pub name: [u8; 128],
+}
+
+impl Lb4FrontendName {
+    /// `text`, cut at 128 bytes on a character boundary.
+    pub fn new(text: &str) -> Self {
+        let mut name = [0; 128];
+        let mut end = text.len().min(name.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        name[..end].copy_from_slice(&text.as_bytes()[..end]);
+        Self { name }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.name.iter().position(|&byte| byte == 0).unwrap_or(self.name.len());
+        std::str::from_utf8(&self.name[..end]).unwrap_or("<not utf-8>")
+    }
+}
+
 /// `struct lb_backend_stats`, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,6 +244,8 @@ unsafe impl aya::Pod for LbAffinityKey {}
 unsafe impl aya::Pod for LbAffinityValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbBackendStats {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Lb4FrontendName {}
 
 macro_rules! assert_layout {
     ($type:ty, $size:expr, $($field:ident @ $offset:expr),*) => {
@@ -235,6 +263,103 @@ assert_layout!(Lb4ReverseSkValue, 8, address @ 0, port @ 4, rev_nat_index @ 6);
 assert_layout!(LbAffinityKey, 16, client @ 0, rev_nat_index @ 8, scope @ 10, pad @ 11);
 assert_layout!(LbAffinityValue, 16, last_used_ns @ 0, backend_id @ 8, pad @ 12);
 assert_layout!(LbBackendStats, 8, connections @ 0);
+assert_layout!(Lb4FrontendName, 128, name @ 0);
+
+// Connection tracking of the tc programs (`tc.c`, the `ct4` section of `include/lb.h`).
+
+/// The tc programs' connection-tracking map (LRU hash), both directions of every flow.
+pub const CT_MAP: &str = "ct4";
+
+/// Program names in the tc object, attached to an external interface's ingress and egress.
+pub const TC_INGRESS_PROGRAM: &str = "skiff_tc_ingress";
+pub const TC_EGRESS_PROGRAM: &str = "skiff_tc_egress";
+
+/// The maps `tc.o` uses: the shared service maps and its own `ct4`.
+pub const TC_MAPS: [&str; 5] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    AFFINITY_MAP,
+    BACKEND_STATS_MAP,
+    CT_MAP,
+];
+
+/// `ct4`'s default size (`LB_MAX_CT`); a SNATed flow takes two entries.
+pub const CT_DEFAULT_MAX_ENTRIES: u32 = 262_144;
+
+pub const CT_DIR_ORIGINAL: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+pub const CT_F_SNAT: u8 = 1 << 0;
+pub const CT_F_CLOSING: u8 = 1 << 1;
+
+/// `struct ct4_key`: a packet's tuple as it reaches tc, before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: [u8; 2],
+}
+
+impl Ct4Key {
+    pub fn new(source: (Ipv4Addr, u16), destination: (Ipv4Addr, u16), proto: u8, dir: u8) -> Self {
+        Self {
+            saddr: be_address(source.0),
+            daddr: be_address(destination.0),
+            sport: source.1.to_be(),
+            dport: destination.1.to_be(),
+            proto,
+            dir,
+            pad: [0; 2],
+        }
+    }
+
+    pub fn source(&self) -> (Ipv4Addr, u16) {
+        (address_of(self.saddr), u16::from_be(self.sport))
+    }
+
+    pub fn destination(&self) -> (Ipv4Addr, u16) {
+        (address_of(self.daddr), u16::from_be(self.dport))
+    }
+}
+
+/// `struct ct4_value`: the tuple the packet gets, and the flow it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ct4Value {
+    pub last_seen_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub backend_id: u32,
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub pad: [u8; 5],
+}
+
+impl Ct4Value {
+    pub fn source(&self) -> (Ipv4Addr, u16) {
+        (address_of(self.saddr), u16::from_be(self.sport))
+    }
+
+    pub fn destination(&self) -> (Ipv4Addr, u16) {
+        (address_of(self.daddr), u16::from_be(self.dport))
+    }
+}
+
+// SAFETY: `#[repr(C)]`, integers and integer arrays only, explicit padding (size asserted
+// below), so every bit pattern is valid and every byte initialized.
+unsafe impl aya::Pod for Ct4Key {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Ct4Value {}
+
+assert_layout!(Ct4Key, 16, saddr @ 0, daddr @ 4, sport @ 8, dport @ 10, proto @ 12, dir @ 13, pad @ 14);
+assert_layout!(Ct4Value, 32, last_seen_ns @ 0, saddr @ 8, daddr @ 12, sport @ 16, dport @ 18, backend_id @ 20, rev_nat_index @ 24, flags @ 26, pad @ 27);
 
 #[cfg(test)]
 mod tests {
@@ -256,7 +381,7 @@ mod tests {
     #[test]
     fn the_socket_object_has_btf_maps_and_programs() {
         let object = aya_obj_names(SOCK_OBJECT_FOR_TEST);
-        for name in [SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, REVERSE_SK_MAP, AFFINITY_MAP, BACKEND_STATS_MAP]
+        for name in [SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, REVERSE_SK_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, NAMES_MAP]
             .into_iter()
             .chain(SOCK_PROGRAMS)
         {
@@ -270,5 +395,35 @@ mod tests {
     /// to see that clang kept every map and program, without an ELF parser.
     fn aya_obj_names(object: &[u8]) -> String {
         String::from_utf8_lossy(object).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod ct_tests {
+    use super::*;
+
+    #[test]
+    fn ct_keys_keep_network_order() {
+        let key = Ct4Key::new(
+            (Ipv4Addr::new(192, 0, 2, 7), 40000),
+            (Ipv4Addr::new(10, 0, 0, 1), 30080),
+            IPPROTO_TCP,
+            CT_DIR_ORIGINAL,
+        );
+        assert_eq!(key.saddr.to_ne_bytes(), [192, 0, 2, 7]);
+        assert_eq!(key.dport.to_ne_bytes(), 30080u16.to_be_bytes());
+        assert_eq!(key.source(), (Ipv4Addr::new(192, 0, 2, 7), 40000));
+        assert_eq!(key.destination(), (Ipv4Addr::new(10, 0, 0, 1), 30080));
+    }
+
+    #[test]
+    fn the_tc_object_has_its_maps_and_programs() {
+        let object = String::from_utf8_lossy(crate::TC_OBJECT);
+        for name in TC_MAPS
+            .into_iter()
+            .chain([TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM])
+        {
+            assert!(object.contains(name), "{name} missing from tc.o");
+        }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use base64::Engine as _;
 
 pub mod containerd;
+pub mod lbnet;
 pub mod node;
 pub mod oci_image;
 pub mod registry;

@@ -1,1 +1,371 @@
-//! (in progress)
+//! The kernel side of the load balancer as the agent holds it: the socket object loaded with
+//! its maps pinned by name under the bpffs directory (reused when already there), and cgroup
+//! links pinned under `<bpffs_dir>/links/`, so the datapath keeps serving while the agent is
+//! down. A restarted agent points the pinned links at its freshly loaded programs with
+//! `BPF_LINK_UPDATE`: there is never a moment without a program on the hook.
+
+use std::fs;
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::programs::CgroupSockAddr;
+use aya::{Ebpf, EbpfLoader};
+use skiff_ebpf::lb::{
+    AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key,
+    Lb4ReverseNat, Lb4Service, LbBackendStats, NAMES_MAP, REVERSE_SK_MAP, REVNAT_MAP,
+    SERVICES_MAP, SOCK_PROGRAMS,
+};
+use skiff_ebpf::sys::{self, SockAddrAttachType};
+
+use super::LbError;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Map sizes (max entries), set at first load. Maps already pinned keep their size: resizing
+/// means removing the pins, which interrupts the datapath, so the agent only warns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Frontend slots: one per frontend plus one per backend of each frontend.
+    pub services: u32,
+    /// Backends, one per (frontend, endpoint); also the size of the per-backend counters.
+    pub backends: u32,
+    /// Translated sockets remembered for recvmsg/getpeername (LRU).
+    pub reverse_sk: u32,
+    /// ClientIP affinity entries (LRU).
+    pub affinity: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: 262_144,
+            backends: 131_072,
+            reverse_sk: 262_144,
+            affinity: 65_536,
+        }
+    }
+}
+
+/// The maps the programmer writes, typed.
+pub struct Maps {
+    pub services: HashMap<MapData, Lb4Key, Lb4Service>,
+    pub backends: HashMap<MapData, u32, Lb4Backend>,
+    pub revnat: HashMap<MapData, u16, Lb4ReverseNat>,
+    pub names: HashMap<MapData, u16, Lb4FrontendName>,
+    pub stats: PerCpuArray<MapData, LbBackendStats>,
+    pub sizes: MapSizes,
+}
+
+/// The loaded socket programs and their maps.
+pub struct Datapath {
+    bpffs_dir: PathBuf,
+    ebpf: Ebpf,
+    maps: Option<Maps>,
+}
+
+/// Mounts a bpffs instance at `dir` (created if missing) unless `dir` is already on one.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LbError> {
+    fs::create_dir_all(dir).map_err(|source| LbError::Io {
+        call: "create",
+        path: dir.to_owned(),
+        source,
+    })?;
+    if is_bpffs(dir)? {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|errno| LbError::Io {
+        call: "mount bpffs at",
+        path: dir.to_owned(),
+        source: errno.into(),
+    })
+}
+
+fn is_bpffs(dir: &Path) -> Result<bool, LbError> {
+    let stat = nix::sys::statfs::statfs(dir).map_err(|errno| LbError::Io {
+        call: "statfs",
+        path: dir.to_owned(),
+        source: errno.into(),
+    })?;
+    #[allow(clippy::useless_conversion, reason = "the field's type differs between libcs")]
+    let magic = i64::from(stat.filesystem_type().0);
+    Ok(magic == BPF_FS_MAGIC)
+}
+
+impl Datapath {
+    /// Loads the socket programs; their maps are created and pinned under `bpffs_dir`, or
+    /// reused from there (with their contents) when a previous agent pinned them.
+    pub fn load(bpffs_dir: &Path, sizes: &MapSizes) -> Result<Self, LbError> {
+        if !is_bpffs(bpffs_dir)? {
+            return Err(LbError::Io {
+                call: "pin maps under",
+                path: bpffs_dir.to_owned(),
+                source: std::io::Error::other("not a bpffs mount (see --bpffs-dir)"),
+            });
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(bpffs_dir)
+            .set_max_entries(SERVICES_MAP, sizes.services)
+            .set_max_entries(REVNAT_MAP, sizes.services)
+            .set_max_entries(NAMES_MAP, sizes.services)
+            .set_max_entries(BACKENDS_MAP, sizes.backends)
+            .set_max_entries(BACKEND_STATS_MAP, sizes.backends)
+            .set_max_entries(REVERSE_SK_MAP, sizes.reverse_sk)
+            .set_max_entries(AFFINITY_MAP, sizes.affinity)
+            .load(skiff_ebpf::SOCK_OBJECT)
+            .map_err(|source| LbError::Load {
+                object: "socket",
+                bpffs_dir: bpffs_dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        for name in SOCK_PROGRAMS {
+            let program = sock_program(&mut ebpf, name)?;
+            program.load().map_err(|source| LbError::Program {
+                what: format!("load {name}"),
+                source: Box::new(source),
+            })?;
+        }
+        let maps = take_maps(&mut ebpf, bpffs_dir, sizes)?;
+        Ok(Self {
+            bpffs_dir: bpffs_dir.to_owned(),
+            ebpf,
+            maps: Some(maps),
+        })
+    }
+
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// The typed maps, once: the programmer owns them from then on.
+    pub fn take_maps(&mut self) -> Option<Maps> {
+        self.maps.take()
+    }
+
+    /// Attaches the four socket hooks to the cgroup v2 directory `cgroup_dir` (and so to
+    /// every cgroup below it). Links are pinned under `<bpffs_dir>/links/cgroup-<inode>/`;
+    /// links already pinned there are pointed at this agent's programs instead.
+    pub fn attach_cgroup(&mut self, cgroup_dir: &Path) -> Result<(), LbError> {
+        let cgroup = fs::File::open(cgroup_dir).map_err(|source| LbError::Io {
+            call: "open cgroup",
+            path: cgroup_dir.to_owned(),
+            source,
+        })?;
+        let links_dir = self.links_dir(cgroup_dir)?;
+        fs::create_dir_all(&links_dir).map_err(|source| LbError::Io {
+            call: "create",
+            path: links_dir.clone(),
+            source,
+        })?;
+        for (name, attach_type) in SOCK_PROGRAMS.into_iter().zip(ATTACH_TYPES) {
+            let program = sock_program(&mut self.ebpf, name)?;
+            let program_fd = program.fd().map_err(|source| LbError::Program {
+                what: format!("descriptor of {name}"),
+                source: Box::new(source),
+            })?;
+            let pin = links_dir.join(name);
+            match sys::obj_get(&pin) {
+                Ok(link) => sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|source| {
+                    LbError::Io {
+                        call: "BPF_LINK_UPDATE",
+                        path: pin.clone(),
+                        source,
+                    }
+                })?,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    let link =
+                        sys::cgroup_link_create(program_fd.as_fd(), cgroup.as_fd(), attach_type)
+                            .map_err(|source| LbError::Io {
+                                call: "BPF_LINK_CREATE on cgroup",
+                                path: cgroup_dir.to_owned(),
+                                source,
+                            })?;
+                    sys::obj_pin(link.as_fd(), &pin).map_err(|source| LbError::Io {
+                        call: "pin link at",
+                        path: pin.clone(),
+                        source,
+                    })?;
+                }
+                Err(source) => {
+                    return Err(LbError::Io {
+                        call: "BPF_OBJ_GET",
+                        path: pin,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket hooks from `cgroup_dir` by removing the pinned links.
+    pub fn detach_cgroup(&mut self, cgroup_dir: &Path) -> Result<(), LbError> {
+        let links_dir = self.links_dir(cgroup_dir)?;
+        detach_links(&links_dir)
+    }
+
+    fn links_dir(&self, cgroup_dir: &Path) -> Result<PathBuf, LbError> {
+        let inode = fs::metadata(cgroup_dir)
+            .map_err(|source| LbError::Io {
+                call: "stat cgroup",
+                path: cgroup_dir.to_owned(),
+                source,
+            })?
+            .ino();
+        Ok(links_dir(&self.bpffs_dir).join(format!("cgroup-{inode}")))
+    }
+}
+
+/// Where the links for every attach point are pinned.
+pub fn links_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join("links")
+}
+
+/// Removes the pinned links in `links_dir` (detaching them) and the directory.
+fn detach_links(links_dir: &Path) -> Result<(), LbError> {
+    let entries = match fs::read_dir(links_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(LbError::Io {
+                call: "read",
+                path: links_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        fs::remove_file(&path).map_err(|source| LbError::Io {
+            call: "unpin link",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    fs::remove_dir(links_dir).map_err(|source| LbError::Io {
+        call: "remove",
+        path: links_dir.to_owned(),
+        source,
+    })
+}
+
+/// Removes everything the load balancer pinned under `bpffs_dir`: links (detaching the
+/// programs) and maps. The datapath stops; for `agentctl lb reset` and tests.
+pub fn remove_pins(bpffs_dir: &Path) -> Result<(), LbError> {
+    let links = links_dir(bpffs_dir);
+    if let Ok(entries) = fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            detach_links(&entry.path())?;
+        }
+        let _ = fs::remove_dir(&links);
+    }
+    for name in MAP_NAMES {
+        let path = bpffs_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LbError::Io {
+                    call: "unpin map",
+                    path,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every map the socket object pins.
+pub const MAP_NAMES: [&str; 7] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REVNAT_MAP,
+    REVERSE_SK_MAP,
+    AFFINITY_MAP,
+    BACKEND_STATS_MAP,
+    NAMES_MAP,
+];
+
+const ATTACH_TYPES: [SockAddrAttachType; 4] = [
+    SockAddrAttachType::Connect4,
+    SockAddrAttachType::Sendmsg4,
+    SockAddrAttachType::Recvmsg4,
+    SockAddrAttachType::Getpeername4,
+];
+
+fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr, LbError> {
+    let program = ebpf.program_mut(name).ok_or_else(|| LbError::Exhausted(format!(
+        "program {name} missing from the socket object"
+    )))?;
+    program.try_into().map_err(|source| LbError::Program {
+        what: format!("{name} as a cgroup socket-address program"),
+        source: Box::new(source),
+    })
+}
+
+fn take_maps(ebpf: &mut Ebpf, bpffs_dir: &Path, configured: &MapSizes) -> Result<Maps, LbError> {
+    let mut take = |name: &'static str| -> Result<Map, LbError> {
+        ebpf.take_map(name).ok_or_else(|| LbError::Exhausted(format!(
+            "map {name} missing from the socket object"
+        )))
+    };
+    let services: HashMap<MapData, Lb4Key, Lb4Service> = typed(SERVICES_MAP, take(SERVICES_MAP)?)?;
+    let backends: HashMap<MapData, u32, Lb4Backend> = typed(BACKENDS_MAP, take(BACKENDS_MAP)?)?;
+    let revnat = typed(REVNAT_MAP, take(REVNAT_MAP)?)?;
+    let names = typed(NAMES_MAP, take(NAMES_MAP)?)?;
+    let stats = typed(BACKEND_STATS_MAP, take(BACKEND_STATS_MAP)?)?;
+    // Pinned maps keep the size they were created with.
+    let sizes = MapSizes {
+        services: pinned_max_entries(bpffs_dir, SERVICES_MAP)?,
+        backends: pinned_max_entries(bpffs_dir, BACKENDS_MAP)?,
+        ..configured.clone()
+    };
+    if sizes != *configured {
+        tracing::warn!(
+            configured = ?configured,
+            pinned = ?sizes,
+            "the pinned load balancer maps keep their size; remove the pins (agentctl lb reset) to resize"
+        );
+    }
+    Ok(Maps {
+        services,
+        backends,
+        revnat,
+        names,
+        stats,
+        sizes,
+    })
+}
+
+fn pinned_max_entries(bpffs_dir: &Path, name: &'static str) -> Result<u32, LbError> {
+    MapData::from_pin(bpffs_dir.join(name))
+        .and_then(|map| map.info())
+        .map(|info| info.max_entries())
+        .map_err(|source| LbError::Map {
+            map: name,
+            operation: "info",
+            source: Box::new(source),
+        })
+}
+
+/// Converts an untyped map into its typed view.
+pub fn typed<T>(name: &'static str, map: Map) -> Result<T, LbError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(|source| LbError::Map {
+        map: name,
+        operation: "open",
+        source: Box::new(source),
+    })
+}

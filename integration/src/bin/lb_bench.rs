@@ -1,0 +1,1430 @@
+//! `lb-bench`, run by `cargo xtask bench lb` as root: connections per second and request
+//! latency (a new TCP connection per request) from a client network namespace to backend pods
+//! directly (the floor), to a ClusterIP through skiff's socket load balancer, and to a
+//! ClusterIP through iptables rules laid out as kube-proxy's iptables mode writes them, each
+//! with several Service counts; then the time skiff and `iptables-restore` take to program
+//! the same Services.
+//!
+//! Everything lives in network namespaces, cgroups and a bpffs mount the bench creates under
+//! unique names and removes at the end, also when it fails or is interrupted: a bridge in a
+//! "node" namespace joins two client namespaces (one for direct and skiff, which never holds
+//! a netfilter rule; one for iptables, whose own nat table holds kube-proxy's rules) and four
+//! backend namespaces, each served by a thread of this process. Each measurement runs in a
+//! child process (`lb-bench client`) that moves itself into a cgroup (the one skiff's socket
+//! hooks are attached to, or a plain one) and enters a client namespace. The host's
+//! interfaces and iptables are never touched.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nix::sched::{CloneFlags, setns};
+use sha2::{Digest as _, Sha256};
+use skiff_agent::lb::datapath::{Datapath, MapSizes};
+use skiff_agent::lb::desired::{self, Frontend, NodeContext};
+use skiff_agent::lb::programmer::Programmer;
+
+/// Backend pods, each a network namespace with a server; every Service has all of them as
+/// endpoints.
+const BACKENDS: usize = 4;
+const BACKEND_PORT: u16 = 8080;
+const SERVICE_PORT: u16 = 80;
+const SERVICE_PORT_NAME: &str = "http";
+/// The namespace of the synthetic Services.
+const NAMESPACE: &str = "lb-bench";
+const NODE_NAME: &str = "lb-bench-node";
+/// The pod network of the bench's namespaces, also kube-proxy's `--cluster-cidr` (the rules
+/// masquerade traffic to a ClusterIP from outside it).
+const POD_CIDR: &str = "10.250.0.0/16";
+const POD_PREFIX_LEN: u8 = 16;
+const DIRECT_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+const IPTABLES_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 3);
+/// The service network; only the iptables client has a route to it (kube-proxy's rules
+/// rewrite packets after the route lookup), so a ClusterIP connect() that skiff's hook did
+/// not rewrite fails at once with "network unreachable" instead of measuring something else.
+const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// kube-proxy's default masquerade bit (14), formatted as it formats it (`%#08x`).
+const MASQUERADE_MARK: &str = "0x00004000";
+/// The request and the reply, 8 bytes each; the reply names the backend.
+const REQUEST: &[u8; 8] = b"request\n";
+/// A client gives up after this many failed requests.
+const MAX_FAILURES: usize = 10;
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+const TARGET_WITHIN_DIRECT: f64 = 0.05;
+const TARGET_OVER_IPTABLES: f64 = 1.5;
+const TARGET_PROGRAM: Duration = Duration::from_secs(1);
+const TARGET_PROGRAM_RATIO: f64 = 20.0;
+/// The Service count at which the ratio targets apply.
+const TARGET_SCALE: usize = 10_000;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    about = "skiff's socket load balancer against a direct connection and kube-proxy's iptables rules",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Internal>,
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum Internal {
+    /// One measurement (run by the bench itself): N sequential new connections per thread.
+    #[command(hide = true)]
+    Client(ClientArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// New TCP connections measured per case (direct, skiff, iptables) and Service count.
+    #[arg(long, default_value_t = 3000)]
+    connections: usize,
+    /// Connections the client keeps in flight at once (one thread each).
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Each case's connections are split into this many rounds, the cases taking turns, so
+    /// that a change in the machine's load during the run hits every case alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Service counts (each with 4 endpoints), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    scales: Vec<usize>,
+    /// The iptables backend for kube-proxy's rules: `nft` or `legacy` (default: the one
+    /// `iptables` is on this machine).
+    #[arg(long)]
+    iptables: Option<String>,
+    /// Where the temporary directory goes (default: the system temp directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keeps the temporary directory (the iptables-restore files); namespaces, cgroups and
+    /// the bpffs mount are removed all the same.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The network namespace to connect from (a file under /run/netns).
+    #[arg(long)]
+    netns: PathBuf,
+    /// The cgroup v2 directory to move into first.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// Where to connect, taken in turn; comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    targets: Vec<SocketAddrV4>,
+    /// Measured connections in all.
+    #[arg(long)]
+    count: usize,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Unmeasured connections first (ARP, caches).
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Internal::Client(args)) => client(&args),
+        None => bench(&cli.bench),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cleanup.
+
+/// What the bench created, removed by [`Leftovers::remove`]: the bpffs mount first (its
+/// pinned links hold the hooks on the cgroups), then the cgroups, the namespaces (the node
+/// namespace takes the bridge and every veth with it) and the temp dir unless kept.
+#[derive(Default)]
+struct Leftovers {
+    bpffs: Option<PathBuf>,
+    /// Deepest first.
+    cgroups: Vec<PathBuf>,
+    netns: Vec<String>,
+    temp_dir: Option<PathBuf>,
+    removed: bool,
+}
+
+impl Leftovers {
+    fn remove(&mut self) {
+        if std::mem::replace(&mut self.removed, true) {
+            return;
+        }
+        if let Some(dir) = &self.bpffs
+            && let Err(error) = nix::mount::umount2(dir.as_path(), nix::mount::MntFlags::MNT_DETACH)
+        {
+            eprintln!("bench cleanup: unmount bpffs {}: {error}", dir.display());
+        }
+        for cgroup in &self.cgroups {
+            remove_cgroup(cgroup);
+        }
+        for name in &self.netns {
+            let deleted = Command::new("ip")
+                .args(["netns", "delete", name])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !deleted && Path::new("/run/netns").join(name).exists() {
+                eprintln!("bench cleanup: ip netns delete {name} failed");
+            }
+        }
+        if let Some(dir) = &self.temp_dir
+            && let Err(error) = fs::remove_dir_all(dir)
+        {
+            eprintln!("bench cleanup: remove {}: {error}", dir.display());
+        }
+    }
+}
+
+/// Kills what is left in a cgroup of ours (a client of an interrupted run) and removes it.
+fn remove_cgroup(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+            // A cgroup is busy for a moment after its last process died.
+            Err(error) if error.raw_os_error() == Some(16) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => {
+                eprintln!("bench cleanup: remove cgroup {}: {error}", dir.display());
+                return;
+            }
+        }
+    }
+}
+
+/// Removes the leftovers when dropped (the bench ended or failed), or on ^C.
+struct Cleanup(Arc<Mutex<Leftovers>>);
+
+impl Cleanup {
+    fn new() -> Self {
+        let leftovers: Arc<Mutex<Leftovers>> = Arc::default();
+        let on_interrupt = leftovers.clone();
+        std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
+                eprintln!("interrupted: removing what the bench created");
+                lock(&on_interrupt).remove();
+                std::process::exit(130);
+            }
+        });
+        Self(leftovers)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Leftovers)) {
+        change(&mut lock(&self.0));
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        lock(&self.0).remove();
+    }
+}
+
+fn lock(leftovers: &Mutex<Leftovers>) -> MutexGuard<'_, Leftovers> {
+    leftovers.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------
+// Namespaces and the network.
+
+/// The bench's network namespaces, by name (files under /run/netns).
+struct Topology {
+    node: String,
+    direct_client: String,
+    iptables_client: String,
+    backends: Vec<String>,
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+fn backend_address(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 250, 0, 10 + index as u8)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run ip (iproute2)")?;
+    ensure!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+impl Topology {
+    /// Creates the namespaces, recording each in `cleanup` before it exists, and wires them.
+    fn create(suffix: &str, cleanup: &Cleanup) -> anyhow::Result<Self> {
+        let name = |role: &str| format!("skiff-lb-{suffix}-{role}");
+        let topology = Topology {
+            node: name("node"),
+            direct_client: name("client"),
+            iptables_client: name("ipt"),
+            backends: (0..BACKENDS).map(|i| name(&format!("be{i}"))).collect(),
+        };
+        let all: Vec<String> = [&topology.node, &topology.direct_client, &topology.iptables_client]
+            .into_iter()
+            .chain(&topology.backends)
+            .cloned()
+            .collect();
+        for netns in &all {
+            cleanup.update(|l| l.netns.push(netns.clone()));
+            ip(&["netns", "add", netns])?;
+            ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        }
+        let node = topology.node.as_str();
+        ip(&["-n", node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", node, "link", "set", "br0", "up"])?;
+        let mut pods: Vec<(&str, Ipv4Addr, String)> = vec![
+            (&topology.direct_client, DIRECT_CLIENT, "vclient".into()),
+            (&topology.iptables_client, IPTABLES_CLIENT, "vipt".into()),
+        ];
+        for (index, backend) in topology.backends.iter().enumerate() {
+            pods.push((backend, backend_address(index), format!("vbe{index}")));
+        }
+        for (netns, address, node_side) in &pods {
+            ip(&[
+                "-n", node, "link", "add", node_side, "type", "veth", "peer", "name", "eth0",
+                "netns", netns,
+            ])?;
+            ip(&["-n", node, "link", "set", node_side, "master", "br0", "up"])?;
+            let cidr = format!("{address}/{POD_PREFIX_LEN}");
+            ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0"])?;
+            ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        }
+        ip(&[
+            "-n",
+            &topology.iptables_client,
+            "route",
+            "add",
+            SERVICE_CIDR,
+            "dev",
+            "eth0",
+        ])?;
+        Ok(topology)
+    }
+}
+
+/// Runs `work` on a thread of its own that entered the network namespace at `netns`: the
+/// sockets it creates and the processes it spawns live there. Other threads are unaffected.
+fn in_netns<T: Send>(netns: &Path, work: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = fs::File::open(netns)
+                    .with_context(|| format!("open network namespace {}", netns.display()))?;
+                setns(&file, CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("enter network namespace {}", netns.display()))?;
+                Ok(work())
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("a thread in {} panicked", netns.display()))
+    })
+}
+
+/// Starts the server of backend `index` in its namespace: two threads accepting on one
+/// listener; each connection reads the 8-byte request, answers with the backend's name and
+/// closes (the server closes first, so TIME_WAIT stays on the backends' side). The threads
+/// live as long as the process.
+fn start_backend(netns: &Path, index: usize) -> anyhow::Result<()> {
+    let address = SocketAddr::from((backend_address(index), BACKEND_PORT));
+    let listener = in_netns(netns, || TcpListener::bind(address))?
+        .with_context(|| format!("listen on {address} in {}", netns.display()))?;
+    let reply = format!("backend{index}");
+    for _ in 0..2 {
+        let listener = listener.try_clone().context("clone the listener")?;
+        let reply = reply.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut request = [0u8; REQUEST.len()];
+                if stream.read_exact(&mut request).is_ok() {
+                    let _ = stream.write_all(reply.as_bytes());
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount, from /proc/self/mountinfo.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mount = skiff_agent::cgroups::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))
+        .context("find the cgroup2 mount")?;
+    Ok(mount.mount_point)
+}
+
+// ---------------------------------------------------------------------------------------
+// The client.
+
+/// What one `lb-bench client` run measured.
+#[derive(Default)]
+struct Measured {
+    /// Wall time of the measured connections, all threads.
+    wall: Duration,
+    latencies: Vec<Duration>,
+    failures: usize,
+    first_error: Option<String>,
+    /// Replies per backend.
+    per_backend: [usize; BACKENDS],
+}
+
+impl Measured {
+    fn merge(&mut self, other: Measured) {
+        self.wall += other.wall;
+        self.latencies.extend(other.latencies);
+        self.failures += other.failures;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        for (sum, count) in self.per_backend.iter_mut().zip(other.per_backend) {
+            *sum += count;
+        }
+    }
+
+    fn connections_per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One request on a new connection: connect, send 8 bytes, read the reply to EOF, close.
+/// Returns the backend that answered.
+fn request(target: SocketAddrV4) -> anyhow::Result<usize> {
+    let mut stream = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT)
+        .with_context(|| format!("connect to {target}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(REQUEST)?;
+    let mut reply = Vec::with_capacity(16);
+    stream
+        .read_to_end(&mut reply)
+        .with_context(|| format!("read the reply from {target}"))?;
+    let backend = reply
+        .strip_prefix(b"backend")
+        .and_then(|digit| std::str::from_utf8(digit).ok())
+        .and_then(|digit| digit.parse::<usize>().ok())
+        .filter(|index| *index < BACKENDS);
+    backend.with_context(|| {
+        format!(
+            "unexpected reply from {target}: {:?}",
+            String::from_utf8_lossy(&reply)
+        )
+    })
+}
+
+/// `lb-bench client`: moves into the cgroup, enters the namespace, makes the connections
+/// and prints what it measured for the parent ([`parse_client_output`]).
+fn client(args: &ClientArgs) -> anyhow::Result<()> {
+    // "0" moves the writing process; this is still single-threaded, so all of it.
+    let procs = args.cgroup.join("cgroup.procs");
+    fs::write(&procs, "0").with_context(|| format!("join cgroup: write {}", procs.display()))?;
+    let netns = fs::File::open(&args.netns)
+        .with_context(|| format!("open network namespace {}", args.netns.display()))?;
+    // Threads started later inherit the namespace.
+    setns(&netns, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {}", args.netns.display()))?;
+    for index in 0..args.warmup {
+        request(args.targets[index % args.targets.len()]).context("warm-up request")?;
+    }
+    let threads = args.concurrency.clamp(1, args.count.max(1));
+    let started = Instant::now();
+    let parts: Vec<Measured> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|thread| {
+                let count = args.count / threads + usize::from(thread < args.count % threads);
+                let targets = &args.targets;
+                scope.spawn(move || {
+                    let mut measured = Measured {
+                        latencies: Vec::with_capacity(count),
+                        ..Measured::default()
+                    };
+                    for index in 0..count {
+                        let target = targets[(index * threads + thread) % targets.len()];
+                        let begin = Instant::now();
+                        match request(target) {
+                            Ok(backend) => {
+                                measured.latencies.push(begin.elapsed());
+                                measured.per_backend[backend] += 1;
+                            }
+                            Err(error) => {
+                                measured.failures += 1;
+                                measured.first_error.get_or_insert(format!("{error:#}"));
+                                if measured.failures >= MAX_FAILURES {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    measured
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_default())
+            .collect()
+    });
+    let wall = started.elapsed();
+    let mut out = String::new();
+    let failures: usize = parts.iter().map(|p| p.failures).sum();
+    let _ = writeln!(out, "wall_ns {}", wall.as_nanos());
+    let _ = writeln!(out, "failures {failures}");
+    if let Some(error) = parts.iter().find_map(|p| p.first_error.as_deref()) {
+        let _ = writeln!(out, "error {}", error.replace('\n', " "));
+    }
+    let mut per_backend = [0usize; BACKENDS];
+    for part in &parts {
+        for (sum, count) in per_backend.iter_mut().zip(part.per_backend) {
+            *sum += count;
+        }
+    }
+    let counts: Vec<String> = per_backend.iter().map(usize::to_string).collect();
+    let _ = writeln!(out, "backends {}", counts.join(" "));
+    for latency in parts.iter().flat_map(|p| &p.latencies) {
+        let _ = writeln!(out, "{}", latency.as_nanos());
+    }
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("write the measurements")?;
+    Ok(())
+}
+
+fn parse_client_output(text: &str) -> anyhow::Result<Measured> {
+    let mut measured = Measured::default();
+    for line in text.lines() {
+        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+        match key {
+            "wall_ns" => measured.wall = Duration::from_nanos(value.parse()?),
+            "failures" => measured.failures = value.parse()?,
+            "error" => measured.first_error = Some(value.to_string()),
+            "backends" => {
+                for (slot, count) in measured.per_backend.iter_mut().zip(value.split(' ')) {
+                    *slot = count.parse()?;
+                }
+            }
+            nanos => measured.latencies.push(Duration::from_nanos(
+                nanos
+                    .parse()
+                    .with_context(|| format!("client output line {line:?}"))?,
+            )),
+        }
+    }
+    Ok(measured)
+}
+
+/// How one case reaches its backends.
+struct Case {
+    netns: PathBuf,
+    cgroup: PathBuf,
+    targets: Vec<SocketAddrV4>,
+}
+
+/// Runs `lb-bench client` for `count` connections of `case`.
+fn run_client(case: &Case, count: usize, concurrency: usize) -> anyhow::Result<Measured> {
+    let exe = std::env::current_exe().context("find the bench's own executable")?;
+    let targets: Vec<String> = case.targets.iter().map(ToString::to_string).collect();
+    let output = Command::new(exe)
+        .arg("client")
+        .arg("--netns")
+        .arg(&case.netns)
+        .arg("--cgroup")
+        .arg(&case.cgroup)
+        .arg("--targets")
+        .arg(targets.join(","))
+        .args(["--count", &count.to_string()])
+        .args(["--concurrency", &concurrency.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .context("run lb-bench client")?;
+    ensure!(
+        output.status.success(),
+        "lb-bench client to {} from {}: {}\n{}",
+        targets.join(","),
+        case.netns.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    parse_client_output(&String::from_utf8_lossy(&output.stdout))
+}
+
+// ---------------------------------------------------------------------------------------
+// The Services: synthetic API objects for skiff, kube-proxy's rules for iptables.
+
+fn service_name(index: usize) -> String {
+    format!("svc-{index:05}")
+}
+
+fn cluster_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + index as u32)
+}
+
+fn service_object(index: usize) -> Service {
+    let address = cluster_ip(index).to_string();
+    Service {
+        metadata: ObjectMeta {
+            name: Some(service_name(index)),
+            namespace: Some(NAMESPACE.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(address.clone()),
+            cluster_ips: Some(vec![address]),
+            ports: Some(vec![ServicePort {
+                name: Some(SERVICE_PORT_NAME.into()),
+                port: i32::from(SERVICE_PORT),
+                protocol: Some("TCP".into()),
+                target_port: Some(IntOrString::Int(i32::from(BACKEND_PORT))),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn slice_object(index: usize) -> EndpointSlice {
+    let name = service_name(index);
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-bench")),
+            namespace: Some(NAMESPACE.into()),
+            labels: Some(BTreeMap::from([(
+                desired::SERVICE_NAME_LABEL.to_string(),
+                name,
+            )])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: (0..BACKENDS)
+            .map(|backend| Endpoint {
+                addresses: vec![backend_address(backend).to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                node_name: Some(NODE_NAME.into()),
+                ..Endpoint::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some(SERVICE_PORT_NAME.into()),
+            port: Some(i32::from(BACKEND_PORT)),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+/// skiff's desired state for Services `0..count`, from the agent's own `desired` module.
+fn frontends(count: usize) -> Vec<Frontend> {
+    let node = NodeContext {
+        node_name: NODE_NAME.into(),
+        node_addresses: Vec::new(),
+    };
+    (0..count)
+        .flat_map(|index| {
+            let service = service_object(index);
+            let slice = slice_object(index);
+            desired::service_frontends(&service, &[&slice], &node)
+        })
+        .collect()
+}
+
+/// kube-proxy's `portProtoHash`: base32 (standard alphabet) of the SHA-256 of the service
+/// port name and the lowercase protocol, first 16 characters.
+fn port_proto_hash(service_port_name: &str, protocol: &str) -> String {
+    base32_16(&Sha256::digest(format!("{service_port_name}{protocol}")))
+}
+
+/// kube-proxy's `servicePortEndpointChainName`, without the prefix.
+fn endpoint_hash(service_port_name: &str, protocol: &str, endpoint: &str) -> String {
+    base32_16(&Sha256::digest(format!(
+        "{service_port_name}{protocol}{endpoint}"
+    )))
+}
+
+/// The first 16 characters of the RFC 4648 base32 encoding of `bytes` (its first 80 bits).
+fn base32_16(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let bits = bytes[..10]
+        .iter()
+        .fold(0u128, |acc, byte| (acc << 8) | u128::from(*byte));
+    (0..16)
+        .map(|i| char::from(ALPHABET[((bits >> (75 - 5 * i)) & 31) as usize]))
+        .collect()
+}
+
+/// The state kube-proxy sets up with `iptables` calls before its first sync: its top-level
+/// chains and the jumps to them from the built-in chains (each prepended, hence the order).
+/// Restored without `--noflush`, it also empties the tables of a previous scale.
+fn kube_proxy_base_rules() -> String {
+    let new = "-m conntrack --ctstate NEW";
+    let jump = |chain: &str, extra: &str, comment: &str, target: &str| {
+        let comment = if comment.is_empty() {
+            String::new()
+        } else {
+            format!("-m comment --comment \"{comment}\" ")
+        };
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!("{extra} ")
+        };
+        format!("-A {chain} {extra}{comment}-j {target}\n")
+    };
+    let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for chain in [
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-FIREWALL",
+    ] {
+        let _ = writeln!(rules, ":{chain} - [0:0]");
+    }
+    let firewall = "kubernetes load balancer firewall";
+    rules += &jump("INPUT", "", "", "KUBE-FIREWALL");
+    rules += &jump("INPUT", new, firewall, "KUBE-PROXY-FIREWALL");
+    rules += &jump(
+        "INPUT",
+        "",
+        "kubernetes health check service ports",
+        "KUBE-NODEPORTS",
+    );
+    rules += &jump(
+        "INPUT",
+        new,
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
+    );
+    rules += &jump("FORWARD", new, firewall, "KUBE-PROXY-FIREWALL");
+    rules += &jump("FORWARD", "", "kubernetes forwarding rules", "KUBE-FORWARD");
+    rules += &jump("FORWARD", new, "kubernetes service portals", "KUBE-SERVICES");
+    rules += &jump(
+        "FORWARD",
+        new,
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
+    );
+    rules += &jump("OUTPUT", "", "", "KUBE-FIREWALL");
+    rules += &jump("OUTPUT", new, firewall, "KUBE-PROXY-FIREWALL");
+    rules += &jump("OUTPUT", new, "kubernetes service portals", "KUBE-SERVICES");
+    rules += "COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n";
+    rules += &jump("PREROUTING", "", "kubernetes service portals", "KUBE-SERVICES");
+    rules += &jump("OUTPUT", "", "kubernetes service portals", "KUBE-SERVICES");
+    rules += &jump(
+        "POSTROUTING",
+        "",
+        "kubernetes postrouting rules",
+        "KUBE-POSTROUTING",
+    );
+    rules += "COMMIT\n";
+    rules
+}
+
+/// What kube-proxy's iptables mode (`syncProxyRules`, a full sync) hands to
+/// `iptables-restore --noflush` for Services `0..count`, each a ClusterIP with one TCP port
+/// and [`BACKENDS`] ready endpoints, with `--cluster-cidr` [`POD_CIDR`] and the defaults
+/// otherwise. The Services go in index order, so the last one is at the end of
+/// KUBE-SERVICES (kube-proxy's order is that of a Go map: random).
+fn kube_proxy_sync_rules(count: usize) -> String {
+    // Above 1 000 endpoints kube-proxy drops the per-endpoint comments ("large cluster mode").
+    let large_cluster = count * BACKENDS > 1000;
+    let mut chains = String::new();
+    let mut rules = String::new();
+    chains += "*nat\n";
+    for chain in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
+        let _ = writeln!(chains, ":{chain} - [0:0]");
+    }
+    let _ = writeln!(
+        rules,
+        "-A KUBE-POSTROUTING -m mark ! --mark {MASQUERADE_MARK}/{MASQUERADE_MARK} -j RETURN"
+    );
+    let _ = writeln!(
+        rules,
+        "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQUERADE_MARK}"
+    );
+    rules += "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n";
+    let _ = writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQUERADE_MARK}");
+    for index in 0..count {
+        let port_name = format!("{NAMESPACE}/{}:{SERVICE_PORT_NAME}", service_name(index));
+        let service_chain = format!("KUBE-SVC-{}", port_proto_hash(&port_name, "tcp"));
+        let address = cluster_ip(index);
+        let _ = writeln!(chains, ":{service_chain} - [0:0]");
+        let capture = format!(
+            "-m comment --comment \"{port_name} cluster IP\" -m tcp -p tcp -d {address} --dport {SERVICE_PORT}"
+        );
+        let _ = writeln!(rules, "-A KUBE-SERVICES {capture} -j {service_chain}");
+        let _ = writeln!(
+            rules,
+            "-A {service_chain} {capture} ! -s {POD_CIDR} -j KUBE-MARK-MASQ"
+        );
+        let endpoints: Vec<(String, String)> = (0..BACKENDS)
+            .map(|backend| {
+                let endpoint = format!("{}:{BACKEND_PORT}", backend_address(backend));
+                let chain = format!("KUBE-SEP-{}", endpoint_hash(&port_name, "tcp", &endpoint));
+                (endpoint, chain)
+            })
+            .collect();
+        for (position, (endpoint, endpoint_chain)) in endpoints.iter().enumerate() {
+            rules += &format!("-A {service_chain}");
+            if !large_cluster {
+                let _ = write!(rules, " -m comment --comment \"{port_name} -> {endpoint}\"");
+            }
+            let remaining = BACKENDS - position;
+            if remaining > 1 {
+                let _ = write!(
+                    rules,
+                    " -m statistic --mode random --probability {:.10}",
+                    1.0 / remaining as f64
+                );
+            }
+            let _ = writeln!(rules, " -j {endpoint_chain}");
+        }
+        for (endpoint, endpoint_chain) in &endpoints {
+            let _ = writeln!(chains, ":{endpoint_chain} - [0:0]");
+            let comment = if large_cluster {
+                String::new()
+            } else {
+                format!(" -m comment --comment {port_name}")
+            };
+            let (endpoint_ip, _) = endpoint.split_once(':').unwrap_or((endpoint, ""));
+            let _ = writeln!(
+                rules,
+                "-A {endpoint_chain}{comment} -s {endpoint_ip} -j KUBE-MARK-MASQ"
+            );
+            let _ = writeln!(
+                rules,
+                "-A {endpoint_chain}{comment} -m tcp -p tcp -j DNAT --to-destination {endpoint}"
+            );
+        }
+    }
+    rules += "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
+    rules += "COMMIT\n";
+    // The filter table of a sync where every Service has endpoints: no per-Service rule.
+    let filter = format!(
+        "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n\
+         :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n:KUBE-FIREWALL - [0:0]\n\
+         -A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
+         -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQUERADE_MARK}/{MASQUERADE_MARK} -j ACCEPT\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         COMMIT\n"
+    );
+    filter + &chains + &rules
+}
+
+/// Which iptables kube-proxy's rules go through.
+struct Iptables {
+    /// `nft` or `legacy`.
+    variant: String,
+    version: String,
+}
+
+impl Iptables {
+    fn detect(requested: Option<&str>) -> anyhow::Result<Self> {
+        let output = Command::new("iptables")
+            .arg("--version")
+            .output()
+            .context("run iptables --version (is iptables installed?)")?;
+        let system = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        let variant = match requested {
+            Some(variant @ ("nft" | "legacy")) => variant.to_string(),
+            Some(other) => bail!("--iptables {other}: expected nft or legacy"),
+            None if system.contains("legacy") => "legacy".into(),
+            None => "nft".into(),
+        };
+        let restore = format!("iptables-{variant}-restore");
+        let output = Command::new(&restore)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("run {restore} --version"))?;
+        let version = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        Ok(Self { variant, version })
+    }
+
+    fn restore_binary(&self) -> String {
+        format!("iptables-{}-restore", self.variant)
+    }
+
+    /// `iptables-restore` of `rules` inside `netns`; `noflush` as kube-proxy syncs. Returns
+    /// the wall time of the process, start to exit.
+    fn restore(&self, netns: &Path, rules: &Path, noflush: bool) -> anyhow::Result<Duration> {
+        let binary = self.restore_binary();
+        let input = fs::File::open(rules).with_context(|| format!("open {}", rules.display()))?;
+        let (elapsed, output) = in_netns(netns, move || {
+            let mut command = Command::new(&binary);
+            // kube-proxy's flags: wait for the xtables lock; keep counters.
+            command.args(["-w", "5", "-W", "100000"]);
+            if noflush {
+                command.args(["--noflush", "--counters"]);
+            }
+            let started = Instant::now();
+            let output = command
+                .stdin(input)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output();
+            (started.elapsed(), output)
+        })?;
+        let output = output.with_context(|| format!("run {}", self.restore_binary()))?;
+        ensure!(
+            output.status.success(),
+            "{} < {} in {}: {}\n{}",
+            self.restore_binary(),
+            rules.display(),
+            netns.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(elapsed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The bench.
+
+/// Nearest-rank percentile of sorted `values`.
+fn percentile(sorted: &[Duration], percent: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "MISSED" }
+}
+
+/// `10000` as "10 000".
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn services_label(count: usize) -> String {
+    format!(
+        "{} Service{}",
+        grouped(count),
+        if count == 1 { "" } else { "s" }
+    )
+}
+
+/// One scale's measurements.
+struct ScaleResult {
+    services: usize,
+    direct: Measured,
+    skiff: Measured,
+    iptables: Measured,
+    skiff_desired: Duration,
+    skiff_program: Duration,
+    iptables_program: Duration,
+    iptables_rules: usize,
+}
+
+struct Summary {
+    connections_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    n: usize,
+}
+
+fn summarize(measured: &mut Measured) -> Summary {
+    measured.latencies.sort();
+    Summary {
+        connections_per_second: measured.connections_per_second(),
+        p50: percentile(&measured.latencies, 50.0),
+        p99: percentile(&measured.latencies, 99.0),
+        n: measured.latencies.len(),
+    }
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.connections > 0 && args.rounds > 0 && args.concurrency > 0,
+        "--connections, --rounds and --concurrency must be at least 1"
+    );
+    ensure!(
+        !args.scales.is_empty() && args.scales.iter().all(|n| *n > 0),
+        "--scales needs Service counts of at least 1"
+    );
+    ensure!(
+        args.scales.iter().all(|n| *n <= 500_000),
+        "--scales: at most 500 000 Services (the service network and the maps)"
+    );
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "lb-bench creates network namespaces, cgroups and a bpffs mount: run it as root"
+    );
+    let iptables = Iptables::detect(args.iptables.as_deref())?;
+    let temp = match &args.dir {
+        Some(dir) => tempfile::Builder::new().prefix("skiff-lb-bench-").tempdir_in(dir),
+        None => tempfile::Builder::new().prefix("skiff-lb-bench-").tempdir(),
+    }
+    .context("create the bench's temp dir")?;
+    let root = temp.path().to_path_buf();
+    let suffix: String = root
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_start_matches("skiff-lb-bench-").to_lowercase())
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(6)
+        .collect();
+    // The guard removes the directory (unless kept), after the mount in it is gone.
+    let _ = temp.keep();
+    let cleanup = Cleanup::new();
+    cleanup.update(|l| l.temp_dir = (!args.keep).then(|| root.clone()));
+    if args.keep {
+        println!("keeping {}", root.display());
+    }
+
+    println!("==> topology: network namespaces skiff-lb-{suffix}-*, a bridge, 4 backend servers");
+    let topology = Topology::create(&suffix, &cleanup)?;
+    for (index, backend) in topology.backends.iter().enumerate() {
+        start_backend(&netns_path(backend), index)?;
+    }
+    let cgroup_parent = cgroup2_root()?.join(format!("skiff-lb-bench-{suffix}"));
+    let plain_cgroup = cgroup_parent.join("plain");
+    cleanup.update(|l| {
+        l.cgroups.push(plain_cgroup.clone());
+        l.cgroups.push(cgroup_parent.clone());
+    });
+    fs::create_dir_all(&plain_cgroup)
+        .with_context(|| format!("create cgroup {}", plain_cgroup.display()))?;
+    let bpffs = root.join("bpffs");
+    fs::create_dir_all(&bpffs).with_context(|| format!("create {}", bpffs.display()))?;
+    cleanup.update(|l| l.bpffs = Some(bpffs.clone()));
+    nix::mount::mount(
+        Some("bpf"),
+        &bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount a bpffs at {}", bpffs.display()))?;
+
+    let max_scale = args.scales.iter().copied().max().unwrap_or(1);
+    let sizes = map_sizes(max_scale);
+    let direct_targets: Vec<SocketAddrV4> = (0..BACKENDS)
+        .map(|backend| SocketAddrV4::new(backend_address(backend), BACKEND_PORT))
+        .collect();
+    let load_before = fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+
+    let mut results = Vec::new();
+    for &services in &args.scales {
+        println!("==> {}: program skiff and iptables", services_label(services));
+        // skiff: maps of their own (a fresh pin directory), hooks on a cgroup of their own.
+        let lb_cgroup = cgroup_parent.join(format!("lb-{services}"));
+        cleanup.update(|l| l.cgroups.insert(0, lb_cgroup.clone()));
+        fs::create_dir_all(&lb_cgroup)
+            .with_context(|| format!("create cgroup {}", lb_cgroup.display()))?;
+        let pins = bpffs.join(format!("scale-{services}"));
+        fs::create_dir_all(&pins).with_context(|| format!("create {}", pins.display()))?;
+        let mut datapath = Datapath::load(&pins, &sizes)
+            .with_context(|| format!("load skiff's datapath under {}", pins.display()))?;
+        datapath
+            .attach_cgroup(&lb_cgroup)
+            .with_context(|| format!("attach skiff's hooks to {}", lb_cgroup.display()))?;
+        let mut programmer = Programmer::new(datapath).context("start skiff's programmer")?;
+        let desired_started = Instant::now();
+        let desired = frontends(services);
+        let skiff_desired = desired_started.elapsed();
+        ensure!(
+            desired.len() >= services,
+            "skiff's desired state has {} frontends for {services} ClusterIP Services",
+            desired.len()
+        );
+        let program_started = Instant::now();
+        programmer
+            .apply_all(desired)
+            .context("program skiff's maps")?;
+        let skiff_program = program_started.elapsed();
+
+        // iptables: kube-proxy's startup state, then its sync, timed.
+        let ipt_netns = netns_path(&topology.iptables_client);
+        let base = root.join("kube-proxy-base.rules");
+        fs::write(&base, kube_proxy_base_rules())
+            .with_context(|| format!("write {}", base.display()))?;
+        iptables.restore(&ipt_netns, &base, false)?;
+        let sync = root.join(format!("kube-proxy-sync-{services}.rules"));
+        let sync_rules = kube_proxy_sync_rules(services);
+        let iptables_rules = sync_rules.lines().filter(|l| l.starts_with("-A ")).count();
+        fs::write(&sync, sync_rules).with_context(|| format!("write {}", sync.display()))?;
+        let iptables_program = iptables.restore(&ipt_netns, &sync, true)?;
+        println!(
+            "    skiff apply_all {:.1} ms; {} of {} rules {:.1} ms",
+            ms(skiff_program),
+            iptables.restore_binary(),
+            grouped(iptables_rules),
+            ms(iptables_program)
+        );
+
+        let service_target = SocketAddrV4::new(cluster_ip(services - 1), SERVICE_PORT);
+        let cases = [
+            Case {
+                netns: netns_path(&topology.direct_client),
+                cgroup: plain_cgroup.clone(),
+                targets: direct_targets.clone(),
+            },
+            Case {
+                netns: netns_path(&topology.direct_client),
+                cgroup: lb_cgroup.clone(),
+                targets: vec![service_target],
+            },
+            Case {
+                netns: ipt_netns.clone(),
+                cgroup: plain_cgroup.clone(),
+                targets: vec![service_target],
+            },
+        ];
+        println!(
+            "==> {}: {} connections per case in {} rounds",
+            services_label(services),
+            args.connections,
+            args.rounds
+        );
+        let mut measured: [Measured; 3] = Default::default();
+        for round in 0..args.rounds {
+            let count = args.connections / args.rounds
+                + usize::from(round < args.connections % args.rounds);
+            // Each round starts with another case, so none always runs first.
+            for offset in 0..cases.len() {
+                let which = (round + offset) % cases.len();
+                let part = run_client(&cases[which], count, args.concurrency)?;
+                measured[which].merge(part);
+            }
+        }
+        drop(programmer);
+        let [direct, skiff, iptables_measured] = measured;
+        results.push(ScaleResult {
+            services,
+            direct,
+            skiff,
+            iptables: iptables_measured,
+            skiff_desired,
+            skiff_program,
+            iptables_program,
+            iptables_rules,
+        });
+    }
+    let load_after = fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+
+    report(args, &iptables, &mut results, &load_before, &load_after);
+    println!("==> cleanup");
+    drop(cleanup);
+    println!("removed the namespaces, cgroups and bpffs mount");
+    Ok(())
+}
+
+/// Map sizes for `services` Services of [`BACKENDS`] endpoints, with room to spare.
+fn map_sizes(services: usize) -> MapSizes {
+    let services = u32::try_from(services).unwrap_or(u32::MAX);
+    let backends = services.saturating_mul(BACKENDS as u32);
+    MapSizes {
+        services: services
+            .saturating_add(backends)
+            .saturating_mul(5)
+            .div_ceil(4)
+            .max(1024),
+        backends: backends.saturating_mul(5).div_ceil(4).max(1024),
+        reverse_sk: 65_536,
+        affinity: 1024,
+    }
+}
+
+fn report(
+    args: &BenchArgs,
+    iptables: &Iptables,
+    results: &mut [ScaleResult],
+    load_before: &str,
+    load_after: &str,
+) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!();
+    println!(
+        "ClusterIP connections: skiff's socket LB vs kube-proxy's iptables mode ({}; {}), \
+         release build",
+        iptables.variant, iptables.version
+    );
+    println!(
+        "  {cpus} CPUs, load average {load_before} before and {load_after} after (other users \
+         of the machine slow every case alike: the cases take turns in {} rounds)",
+        args.rounds
+    );
+    println!(
+        "  each request: a new TCP connection, 8 bytes each way, closed by the backend; {} per \
+         case, {} at once; {BACKENDS} backend pods on a bridge",
+        args.connections, args.concurrency
+    );
+    println!(
+        "  the client connects to the last Service, at the end of KUBE-SERVICES (iptables' \
+         worst case); direct and skiff clients run in a namespace without netfilter rules"
+    );
+    println!();
+    println!(
+        "  {:<46} {:>9} {:>8} {:>8} {:>6}",
+        "", "conn/s", "p50 ms", "p99 ms", "n"
+    );
+    let mut failures = Vec::new();
+    for result in results.iter_mut() {
+        let label = services_label(result.services);
+        let direct = summarize(&mut result.direct);
+        let skiff = summarize(&mut result.skiff);
+        let ipt = summarize(&mut result.iptables);
+        println!("  {label}");
+        for (name, summary, measured) in [
+            (
+                "direct to the backend pods (floor)",
+                &direct,
+                &result.direct,
+            ),
+            ("skiff ClusterIP (socket LB)", &skiff, &result.skiff),
+            ("iptables ClusterIP (kube-proxy's rules)", &ipt, &result.iptables),
+        ] {
+            println!(
+                "    {:<44} {:>9.0} {:>8.3} {:>8.3} {:>6}",
+                name,
+                summary.connections_per_second,
+                ms(summary.p50),
+                ms(summary.p99),
+                summary.n
+            );
+            if measured.failures > 0 {
+                failures.push(format!(
+                    "{label}, {name}: {} failed requests ({})",
+                    measured.failures,
+                    measured.first_error.as_deref().unwrap_or("?")
+                ));
+            }
+            if measured.per_backend.contains(&0) {
+                failures.push(format!(
+                    "{label}, {name}: not every backend answered (replies per backend {:?})",
+                    measured.per_backend
+                ));
+            }
+        }
+        let rate = |a: &Summary, b: &Summary| {
+            a.connections_per_second / b.connections_per_second.max(1e-9)
+        };
+        let time = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+        let skiff_rate = rate(&skiff, &direct);
+        let skiff_p50 = time(skiff.p50, direct.p50);
+        let within = skiff_rate >= 1.0 - TARGET_WITHIN_DIRECT
+            && skiff_p50 <= 1.0 + TARGET_WITHIN_DIRECT;
+        println!(
+            "    {:<44} {:>9.3} {:>8.3} {:>8.3} {:>6}   target within {:.0}% (conn/s, p50): {}",
+            "skiff / direct",
+            skiff_rate,
+            skiff_p50,
+            time(skiff.p99, direct.p99),
+            "",
+            TARGET_WITHIN_DIRECT * 100.0,
+            verdict(within)
+        );
+        let over_iptables = rate(&skiff, &ipt);
+        let target = if result.services == TARGET_SCALE {
+            format!(
+                "   target conn/s >= {TARGET_OVER_IPTABLES}x at {} Services: {}",
+                grouped(TARGET_SCALE),
+                verdict(over_iptables >= TARGET_OVER_IPTABLES)
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "    {:<44} {:>9.3} {:>8.3} {:>8.3} {:>6}{target}",
+            "skiff / iptables (conn/s: higher is better)",
+            over_iptables,
+            time(skiff.p50, ipt.p50),
+            time(skiff.p99, ipt.p99),
+            ""
+        );
+    }
+
+    println!();
+    println!(
+        "programming N Services x {BACKENDS} endpoints into empty maps / tables (one run each)"
+    );
+    println!(
+        "  {:<16} {:>14} {:>26} {:>10}",
+        "", "skiff ms", "iptables-restore ms", "ratio"
+    );
+    for result in results.iter() {
+        let ratio =
+            result.iptables_program.as_secs_f64() / result.skiff_program.as_secs_f64().max(1e-9);
+        let target = if result.services == TARGET_SCALE {
+            format!(
+                "   target skiff < {} s: {}, ratio >= {TARGET_PROGRAM_RATIO}x: {}",
+                TARGET_PROGRAM.as_secs(),
+                verdict(result.skiff_program < TARGET_PROGRAM),
+                verdict(ratio >= TARGET_PROGRAM_RATIO)
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:<16} {:>14.1} {:>26.1} {:>9.1}x{target}",
+            services_label(result.services),
+            ms(result.skiff_program),
+            ms(result.iptables_program),
+            ratio
+        );
+    }
+    println!(
+        "  skiff: Programmer::apply_all of the frontends (computing them from the Service and \
+         EndpointSlice objects took {} more); iptables: {} --noflush of kube-proxy's sync ({} \
+         rules at the largest scale), process start to exit, after its startup chains",
+        results
+            .iter()
+            .map(|r| format!("{:.1} ms at {}", ms(r.skiff_desired), grouped(r.services)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        iptables.restore_binary(),
+        results.last().map_or(0, |r| r.iptables_rules)
+    );
+    if !results.iter().any(|r| r.services == TARGET_SCALE) {
+        println!(
+            "  (the targets apply at {} Services, not among --scales)",
+            grouped(TARGET_SCALE)
+        );
+    }
+
+    println!();
+    println!(
+        "EndpointSlice change -> skiff's maps, p99: not measured yet   target < 50 ms: -"
+    );
+    if !failures.is_empty() {
+        println!();
+        println!("problems:");
+        for failure in &failures {
+            println!("  {failure}");
+        }
+    }
+    println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chain names seen in every kubeadm cluster's iptables-save.
+    #[test]
+    fn chain_hash_matches_kube_proxy() {
+        assert_eq!(
+            port_proto_hash("default/kubernetes:https", "tcp"),
+            "NPX46M4PTMTKRN6Y"
+        );
+        assert_eq!(
+            port_proto_hash("kube-system/kube-dns:dns", "udp"),
+            "TCOU7JCQXEZGVUNU"
+        );
+        assert_eq!(
+            port_proto_hash("kube-system/kube-dns:dns-tcp", "tcp"),
+            "ERIFXISQEP7F7OF4"
+        );
+        assert_eq!(
+            port_proto_hash("kube-system/kube-dns:metrics", "tcp"),
+            "JD5MR3NA4I4DYORP"
+        );
+    }
+
+    #[test]
+    fn sync_rules_have_kube_proxy_layout() {
+        let rules = kube_proxy_sync_rules(1);
+        let hash = port_proto_hash("lb-bench/svc-00000:http", "tcp");
+        assert!(rules.contains(&format!(
+            "-A KUBE-SERVICES -m comment --comment \"lb-bench/svc-00000:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j KUBE-SVC-{hash}\n"
+        )));
+        assert!(rules.contains("--probability 0.2500000000 -j KUBE-SEP-"));
+        assert!(rules.contains("--probability 0.3333333333 -j KUBE-SEP-"));
+        assert!(rules.contains("--probability 0.5000000000 -j KUBE-SEP-"));
+        assert!(rules.contains("-m tcp -p tcp -j DNAT --to-destination 10.250.0.13:8080\n"));
+        assert_eq!(rules.matches("-j KUBE-SEP-").count(), BACKENDS);
+        // Large cluster mode drops the per-endpoint comments.
+        let large = kube_proxy_sync_rules(300);
+        assert!(!large.contains(" -> 10.250.0.10:8080"));
+        assert_eq!(large.matches("-A KUBE-SERVICES ").count(), 301);
+    }
+
+    #[test]
+    fn client_output_round_trips() {
+        let parsed =
+            parse_client_output("wall_ns 2000\nfailures 1\nerror boom\nbackends 1 0 1 0\n5\n7\n")
+                .unwrap();
+        assert_eq!(parsed.wall, Duration::from_nanos(2000));
+        assert_eq!(parsed.failures, 1);
+        assert_eq!(parsed.per_backend, [1, 0, 1, 0]);
+        assert_eq!(parsed.latencies.len(), 2);
+    }
+
+    #[test]
+    fn grouped_thousands() {
+        assert_eq!(grouped(1), "1");
+        assert_eq!(grouped(1000), "1 000");
+        assert_eq!(grouped(10000), "10 000");
+        assert_eq!(grouped(123456), "123 456");
+    }
+}

@@ -1,0 +1,297 @@
+//! What the load balancer tests stand on, all of their own making and removed on drop even
+//! when a test fails: network namespaces on a bridge (a client and backend "pods"), TCP and
+//! UDP servers inside the backends that answer with their name, a cgroup v2 directory for
+//! the socket hooks, and a private bpffs instance for the pins.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A unique suffix for names that live in the kernel's global namespaces.
+pub fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), nanos & 0xfffff)
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("run {program} {args:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The address of the `index`th pod (0: the client, 1..: backends) on the test bridge.
+pub fn pod_address(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 201, 0, 10 + index)
+}
+
+/// A bridge in a "node" namespace with the client and backend namespaces attached.
+pub struct Topology {
+    pub node: String,
+    /// Namespace names: `pods[0]` is the client, the rest are backends.
+    pub pods: Vec<String>,
+}
+
+impl Topology {
+    /// The client and `n_backends` backends at [`pod_address`], servers not yet started.
+    pub fn new(n_backends: u8) -> Self {
+        let suffix = unique_suffix();
+        let node = format!("lbn-{suffix}");
+        let mut topology = Self {
+            node: node.clone(),
+            pods: Vec::new(),
+        };
+        run("ip", &["netns", "add", &node]);
+        run("ip", &["-n", &node, "link", "add", "br0", "type", "bridge"]);
+        run("ip", &["-n", &node, "link", "set", "br0", "up"]);
+        run("ip", &["-n", &node, "link", "set", "lo", "up"]);
+        for index in 0..=n_backends {
+            let pod = format!("lbp{index}-{suffix}");
+            run("ip", &["netns", "add", &pod]);
+            topology.pods.push(pod.clone());
+            let host_end = format!("v{index}");
+            run(
+                "ip",
+                &["-n", &node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &pod],
+            );
+            run("ip", &["-n", &node, "link", "set", &host_end, "master", "br0", "up"]);
+            let address = format!("{}/24", pod_address(index));
+            run("ip", &["-n", &pod, "addr", "add", &address, "dev", "eth0"]);
+            run("ip", &["-n", &pod, "link", "set", "eth0", "up"]);
+            run("ip", &["-n", &pod, "link", "set", "lo", "up"]);
+            // Service addresses are translated before routing, but a socket needs a route
+            // to the address it asked for to get that far.
+            run("ip", &["-n", &pod, "route", "add", "default", "dev", "eth0"]);
+        }
+        topology
+    }
+
+    pub fn netns_path(name: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(name)
+    }
+
+    pub fn client_netns(&self) -> PathBuf {
+        Self::netns_path(&self.pods[0])
+    }
+
+    pub fn backend_count(&self) -> u8 {
+        u8::try_from(self.pods.len() - 1).expect("fewer than 256 pods")
+    }
+
+    /// Starts, in every backend, a TCP and a UDP server on `port` that answer each request
+    /// line (each datagram) with `b<index>`. They live as long as the test process.
+    pub fn serve(&self, port: u16) {
+        for index in 1..=self.backend_count() {
+            let netns = Self::netns_path(&self.pods[usize::from(index)]);
+            let name = format!("b{index}");
+            let (listener, socket) = std::thread::spawn(move || {
+                let file = std::fs::File::open(&netns).expect("open backend netns");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter backend netns");
+                let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp server");
+                let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp server");
+                (tcp, udp)
+            })
+            .join()
+            .expect("server setup thread");
+            let tcp_name = name.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let name = tcp_name.clone();
+                    std::thread::spawn(move || {
+                        let mut reader = BufReader::new(&stream);
+                        let mut writer = &stream;
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).is_ok_and(|read| read > 0) {
+                            if writer.write_all(format!("{name}\n").as_bytes()).is_err() {
+                                break;
+                            }
+                            line.clear();
+                        }
+                    });
+                }
+            });
+            std::thread::spawn(move || {
+                let mut buffer = [0; 256];
+                while let Ok((_, from)) = socket.recv_from(&mut buffer) {
+                    let _ = socket.send_to(name.as_bytes(), from);
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for pod in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", pod]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.node]).status();
+    }
+}
+
+/// A cgroup v2 directory of the test's own under the cgroup2 mount.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        let mount = skiff_agent::cgroups::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))
+            .expect("a cgroup2 mount (the socket load balancer attaches there)");
+        let path = mount.mount_point.join(format!("skiff-lb-test-{}", unique_suffix()));
+        std::fs::create_dir(&path).unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
+        Self { path }
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Clients are gone by now; a cgroup with no process can be removed.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// A private bpffs instance mounted at a temp dir.
+pub struct TestBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl TestBpffs {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-bpffs-")
+            .tempdir()
+            .expect("temp dir for bpffs");
+        run("mount", &["-t", "bpf", "bpf", &dir.path().display().to_string()]);
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for TestBpffs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// One exchange as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exchange {
+    Reply { peer: SocketAddr, backend: String },
+    Error(String),
+}
+
+/// Runs `lb-client` in `cgroup` and `netns` (`mode`: `tcp` or `udp`) and parses its lines.
+pub fn client(cgroup: &Path, netns: &Path, to: SocketAddr, mode: &str, count: usize) -> Vec<Exchange> {
+    let output = Command::new(crate::binary("lb-client"))
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--netns")
+        .arg(netns)
+        .args(["--to", &to.to_string(), mode, "--count", &count.to_string()])
+        .output()
+        .expect("run lb-client");
+    assert!(
+        output.status.success(),
+        "lb-client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).lines().map(parse_exchange).collect()
+}
+
+fn parse_exchange(line: &str) -> Exchange {
+    if let Some(error) = line.strip_prefix("error=") {
+        return Exchange::Error(error.to_owned());
+    }
+    let mut peer = None;
+    let mut backend = String::new();
+    for field in line.split(' ') {
+        if let Some(value) = field.strip_prefix("peer=") {
+            peer = value.parse().ok();
+        } else if let Some(value) = field.strip_prefix("reply=") {
+            value.clone_into(&mut backend);
+        }
+    }
+    match peer {
+        Some(peer) => Exchange::Reply { peer, backend },
+        None => Exchange::Error(format!("unparsed client line {line:?}")),
+    }
+}
+
+/// A client holding one TCP connection open, sending a request per [`HeldConnection::ask`].
+pub struct HeldConnection {
+    child: std::process::Child,
+    reader: BufReader<std::process::ChildStdout>,
+    pub first_line: String,
+}
+
+impl HeldConnection {
+    pub fn open(cgroup: &Path, netns: &Path, to: SocketAddr) -> Self {
+        let mut child = Command::new(crate::binary("lb-client"))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--netns")
+            .arg(netns)
+            .args(["--to", &to.to_string(), "hold"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run lb-client hold");
+        let mut reader = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut first_line = String::new();
+        reader.read_line(&mut first_line).expect("read lb-client");
+        Self {
+            child,
+            reader,
+            first_line,
+        }
+    }
+
+    pub fn ask(&mut self) -> Exchange {
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        stdin.write_all(b"again\n").expect("write to lb-client");
+        stdin.flush().expect("flush lb-client stdin");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read lb-client");
+        parse_exchange(line.trim())
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut rest = String::new();
+        let _ = self.reader.read_to_string(&mut rest);
+    }
+}
