@@ -90,6 +90,31 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    let service_lb = if config.service_lb {
+        let lb_cgroup = config
+            .lb_cgroup
+            .clone()
+            .unwrap_or_else(|| runtime.pods_cgroup_dir());
+        match start_service_lb(&config, &lb_cgroup) {
+            Ok(programmer) => {
+                let node = crate::lb::desired::NodeContext {
+                    node_name: node_name.clone(),
+                    node_addresses: match node_ip {
+                        IpAddr::V4(address) => vec![address],
+                        IpAddr::V6(_) => Vec::new(),
+                    },
+                };
+                Some(tokio::spawn(crate::lb::sync::run(client.clone(), node, programmer)))
+            }
+            Err(error) => {
+                // Pods still run; Services do not resolve on this node until it is fixed.
+                tracing::error!(error = format!("{error:#}"), "service load balancer not started");
+                None
+            }
+        }
+    } else {
+        None
+    };
     // The node API is bound before the Node is registered, so the Node reports the port it
     // really has (`--node-api-listen` may ask for port 0).
     let table = PodTable::default();
@@ -221,14 +246,38 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ = sigterm() => Ok(()),
     };
     lease.abort();
-    // Routes stay in place while the agent is down, so traffic keeps flowing.
+    // Routes and the load balancer's pinned maps and links stay in place while the agent
+    // is down, so traffic keeps flowing.
     if let Some(routes) = routes {
         routes.abort();
+    }
+    if let Some(service_lb) = service_lb {
+        service_lb.abort();
     }
     eviction.abort();
     forward_exits.abort();
     tracing::info!("agent stopping; pods keep running");
     result
+}
+
+/// Loads the load balancer's programs (reusing pinned maps and links) and attaches the
+/// socket hooks to `lb_cgroup`.
+fn start_service_lb(
+    config: &AgentConfig,
+    lb_cgroup: &std::path::Path,
+) -> anyhow::Result<crate::lb::programmer::Programmer> {
+    use crate::lb::datapath::{self, Datapath, MapSizes};
+    datapath::ensure_bpffs(&config.bpffs_dir)?;
+    let sizes = MapSizes {
+        services: config.lb_max_services,
+        backends: config.lb_max_backends,
+        reverse_sk: config.lb_max_sockets,
+        affinity: config.lb_max_affinity,
+    };
+    let mut datapath = Datapath::load(&config.bpffs_dir, &sizes)?;
+    datapath.attach_cgroup(lb_cgroup)?;
+    tracing::info!(bpffs = %config.bpffs_dir.display(), cgroup = %lb_cgroup.display(), "service load balancer attached");
+    Ok(crate::lb::programmer::Programmer::new(datapath)?)
 }
 
 async fn sigterm() {

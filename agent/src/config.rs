@@ -115,6 +115,31 @@ pub struct AgentConfig {
     /// Seconds between two full comparisons of the host-gw routes with the kernel's.
     #[arg(long, default_value_t = 30)]
     pub routes_resync_seconds: u64,
+    /// The eBPF service load balancer that replaces kube-proxy (`--service-lb=false` to run
+    /// without it, e.g. beside kube-proxy).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub service_lb: bool,
+    /// Where the load balancer pins its maps and links: a bpffs mount, or a directory where
+    /// the agent mounts one. Pins outlive the agent so the datapath keeps serving.
+    #[arg(long, default_value = "/sys/fs/bpf/skiff")]
+    pub bpffs_dir: PathBuf,
+    /// The cgroup v2 directory the socket hooks attach to, absolute (default: the pods'
+    /// cgroup, `<cgroup root>/kubepods`). The cgroup2 mount root lets the node's own
+    /// processes reach Services too.
+    #[arg(long)]
+    pub lb_cgroup: Option<PathBuf>,
+    /// Capacity of the frontend map: one entry per frontend plus one per backend slot.
+    #[arg(long, default_value_t = 262_144)]
+    pub lb_max_services: u32,
+    /// Capacity of the backend map (one entry per frontend and endpoint).
+    #[arg(long, default_value_t = 131_072)]
+    pub lb_max_backends: u32,
+    /// Capacity of the socket reverse-translation map (LRU).
+    #[arg(long, default_value_t = 262_144)]
+    pub lb_max_sockets: u32,
+    /// Capacity of the ClientIP session affinity map (LRU).
+    #[arg(long, default_value_t = 65_536)]
+    pub lb_max_affinity: u32,
     /// Hard eviction thresholds, in the kubelet's syntax.
     #[arg(long, default_value = crate::node::DEFAULT_EVICTION_HARD)]
     pub eviction_hard: String,

@@ -24,6 +24,8 @@ pub struct Node {
     /// The same, as a host path.
     pub cgroup_dir: PathBuf,
     pub bridge: String,
+    /// The load balancer's bpffs (the agent mounts it; removed on drop).
+    pub bpffs_dir: PathBuf,
     /// The pod subnet's first three octets ("10.77.3").
     pub subnet: String,
     args: Vec<String>,
@@ -126,6 +128,8 @@ impl Node {
             "--status-report-seconds".into(),
             "5".into(),
             // The node API trusts the control plane's CA, so `kubectl logs` works.
+            "--bpffs-dir".into(),
+            root.join("bpf").display().to_string(),
             "--client-ca-file".into(),
             plane
                 .data_dir
@@ -141,7 +145,9 @@ impl Node {
         }
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let agent_log = root.join("agent.log");
+        let bpffs_dir = root.join("bpf");
         let mut node = Node {
+            bpffs_dir,
             child: None,
             name,
             run_dir,
@@ -302,6 +308,10 @@ impl Drop for Node {
                 &self.state_dir,
                 &pod.file_name().to_string_lossy(),
             );
+        }
+        // Unpinning the load balancer's links detaches its programs from the subtree.
+        if skiff_agent::mountinfo::is_mount_point(&self.bpffs_dir) {
+            let _ = Command::new("umount").arg(&self.bpffs_dir).status();
         }
         remove_tree(&self.cgroup_dir);
         let _ = Command::new("ip")

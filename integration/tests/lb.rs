@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use integration::lbnet::{self, Exchange, HeldConnection, TestBpffs, TestCgroup, Topology};
+use skiff_agent::lb::LbError;
 use skiff_agent::lb::datapath::{Datapath, MapSizes};
 use skiff_agent::lb::desired::{Backend, Frontend, FrontendKey, FrontendKind, Proto, Scope, ServicePortRef};
 use skiff_agent::lb::programmer::Programmer;
@@ -141,4 +142,188 @@ fn tcp_and_udp_reach_every_backend_evenly_and_see_the_service_address() {
         .expect("apply again");
     assert!(again.is_noop(), "{again:?}");
     drop(setup.bpffs);
+}
+
+fn backend_of(exchange: &Exchange) -> &str {
+    match exchange {
+        Exchange::Reply { backend, .. } => backend,
+        Exchange::Error(error) => panic!("exchange failed: {error}"),
+    }
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connections_while_its_open_ones_keep_working() {
+    let mut setup = Setup::new(3);
+    let service = SocketAddr::from((SERVICE_IP, 80));
+    setup
+        .programmer
+        .apply_all(vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2, 3])])
+        .expect("program the service");
+    // Open connections until one lands on b3, the backend about to go.
+    let mut held = Vec::new();
+    let mut on_b3 = None;
+    for _ in 0..60 {
+        let mut connection = HeldConnection::open(&setup.cgroup.path, &setup.topology.client_netns(), service);
+        if backend_of(&connection.ask()) == "b3" {
+            on_b3 = Some(connection);
+            break;
+        }
+        held.push(connection);
+    }
+    let mut on_b3 = on_b3.expect("no connection reached b3 in 60 tries");
+
+    let started = std::time::Instant::now();
+    setup
+        .programmer
+        .apply_service("default", "web", vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2])])
+        .expect("remove b3");
+    let programmed_in = started.elapsed();
+    assert!(programmed_in < Duration::from_millis(100), "removal took {programmed_in:?}");
+
+    let after = setup.client(service, "tcp", 300);
+    let counts = spread(&after, service);
+    assert!(!counts.contains_key("b3"), "a new connection reached the removed backend: {counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    // The open connection to b3 is untouched, as are those to the backends that stay.
+    for _ in 0..3 {
+        assert_eq!(backend_of(&on_b3.ask()), "b3");
+    }
+    for connection in &mut held {
+        let before = connection.first_line.clone();
+        assert!(matches!(connection.ask(), Exchange::Reply { .. }), "{before}");
+    }
+}
+
+#[test]
+fn client_ip_affinity_sticks_and_a_service_without_endpoints_refuses() {
+    let mut setup = Setup::new(3);
+    let sticky = SocketAddr::from((SERVICE_IP, 80));
+    let empty = SocketAddr::from((SERVICE_IP, 81));
+    let mut affine = frontend(SERVICE_IP, 80, Proto::Tcp, "sticky", &[1, 2, 3]);
+    affine.affinity_timeout = Some(10_800);
+    setup
+        .programmer
+        .apply_all(vec![affine, frontend(SERVICE_IP, 81, Proto::Tcp, "empty", &[])])
+        .expect("program the services");
+    let counts = spread(&setup.client(sticky, "tcp", 200), sticky);
+    assert_eq!(counts.len(), 1, "ClientIP affinity must keep one backend: {counts:?}");
+    // UDP from the same client follows its own frontend's affinity (none here): spread.
+    let refused = setup.client(empty, "tcp", 1);
+    assert!(
+        matches!(&refused[0], Exchange::Error(error) if error.contains("not permitted") || error.contains("refused")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn hairpin_a_backend_reaches_its_own_service() {
+    let mut setup = Setup::new(1);
+    let service = SocketAddr::from((SERVICE_IP, 80));
+    setup
+        .programmer
+        .apply_all(vec![frontend(SERVICE_IP, 80, Proto::Tcp, "self", &[1])])
+        .expect("program the service");
+    let backend_netns = Topology::netns_path(&setup.topology.pods[1]);
+    let exchanges = lbnet::client(&setup.cgroup.path, &backend_netns, service, "tcp", 20);
+    assert_eq!(spread(&exchanges, service).get("b1"), Some(&20));
+}
+
+#[test]
+fn a_new_agent_adopts_the_pinned_maps_and_traffic_never_stops() {
+    let mut setup = Setup::new(2);
+    let service = SocketAddr::from((SERVICE_IP, 80));
+    let desired = || vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2])];
+    setup.programmer.apply_all(desired()).expect("program the service");
+
+    // Requests run without pause while the "agent" goes away and a new one starts.
+    let cgroup = setup.cgroup.path.clone();
+    let netns = setup.topology.client_netns();
+    let traffic = std::thread::spawn(move || lbnet::client(&cgroup, &netns, service, "tcp", 1500));
+    std::thread::sleep(Duration::from_millis(100));
+    let Setup {
+        topology,
+        cgroup,
+        bpffs,
+        programmer,
+    } = setup;
+    // Dropping the programmer closes every descriptor the agent held: only the pins remain.
+    drop(programmer);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut datapath = Datapath::load(bpffs.path(), &sizes()).expect("reload with the pinned maps");
+    datapath.attach_cgroup(&cgroup.path).expect("re-attach: the pinned links are updated in place");
+    let mut programmer = Programmer::new(datapath).expect("adopt");
+    let stats = programmer.apply_all(desired()).expect("apply the same desired state");
+    assert!(stats.is_noop(), "a restarted agent rewrote unchanged maps: {stats:?}");
+
+    let exchanges = traffic.join().expect("traffic thread");
+    let counts = spread(&exchanges, service);
+    assert_eq!(counts.values().sum::<usize>(), 1500, "{counts:?}");
+    // Still one program per hook: the links were updated, not added.
+    let attached = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup.path)
+        .output()
+        .expect("run bpftool");
+    let listing = String::from_utf8_lossy(&attached.stdout);
+    assert_eq!(listing.matches("skiff_connect4").count(), 1, "{listing}");
+    drop(topology);
+}
+
+#[test]
+fn ten_thousand_services_with_four_endpoints_each_fit_and_work() {
+    let mut setup = Setup::new(4);
+    let frontends: Vec<Frontend> = (0..10_000u32)
+        .map(|index| {
+            let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index);
+            frontend(address, 80, Proto::Tcp, &format!("svc-{index}"), &[1, 2, 3, 4])
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let stats = setup.programmer.apply_all(frontends).expect("program 10 000 services");
+    eprintln!("programmed 10 000 services x 4 endpoints in {:?}: {stats:?}", started.elapsed());
+    assert_eq!((stats.frontends_added, stats.backends_added), (10_000, 40_000));
+    for index in [0u32, 4_999, 9_999] {
+        let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index);
+        let service = SocketAddr::from((address, 80));
+        let counts = spread(&setup.client(service, "tcp", 40), service);
+        assert_eq!(counts.values().sum::<usize>(), 40, "{counts:?}");
+    }
+}
+
+#[test]
+fn a_full_map_is_reported_and_leaves_nothing_half_written() {
+    integration::require_root("the load balancer tests load BPF programs");
+    let bpffs = TestBpffs::new();
+    let small = MapSizes {
+        services: 8,
+        backends: 64,
+        reverse_sk: 64,
+        affinity: 64,
+    };
+    let datapath = Datapath::load(bpffs.path(), &small).expect("load");
+    let mut programmer = Programmer::new(datapath).expect("adopt");
+    // Each frontend takes 1 + 3 entries of lb4_services: the third does not fit.
+    let frontends: Vec<Frontend> = (1..=3u8)
+        .map(|index| frontend(Ipv4Addr::new(10, 96, 1, index), 80, Proto::Tcp, &format!("s{index}"), &[1, 2, 3]))
+        .collect();
+    let error = programmer.apply_all(frontends).expect_err("the map is full");
+    assert!(
+        matches!(&error, LbError::MapFull { map: "lb4_services", frontend, .. } if frontend.contains("default/s3")),
+        "{error}"
+    );
+    assert!(error.to_string().contains("--lb-max-services"), "{error}");
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(bpffs.path().join("lb4_services"))
+        .output()
+        .expect("run bpftool");
+    let entries = String::from_utf8_lossy(&dump.stdout).matches("\"key\"").count();
+    assert_eq!(entries, 8, "two whole frontends (2 x 4 entries), nothing of the third");
+    let backends = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(bpffs.path().join("lb4_backends"))
+        .output()
+        .expect("run bpftool");
+    let entries = String::from_utf8_lossy(&backends.stdout).matches("\"key\"").count();
+    assert_eq!(entries, 6, "the third frontend's backends were rolled back");
 }

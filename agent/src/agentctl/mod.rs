@@ -6,11 +6,13 @@
 //! `--run-dir`, `--cgroup-root` ...) with the agent's defaults, and prints a table or, with
 //! `-o json`, one JSON object whose field names are kept stable for scripts.
 //!
-//! **Architecture invariant:** `agentctl` never talks to the API server or the agent, and
-//! apart from `image import` and `image rm` it changes nothing on the node: no cgroup is
-//! created, no container label written, no CNI plugin run.
+//! **Architecture invariant:** `agentctl` never talks to the agent, and only `explain`
+//! talks to the API server (to set what the API asks beside what the node holds). Apart
+//! from `image import` and `image rm` it changes nothing on the node: no cgroup is created,
+//! no container label written, no CNI plugin run, no BPF map written.
 
 mod images;
+mod lb;
 mod node;
 mod pods;
 mod table;
@@ -54,6 +56,12 @@ enum Command {
     /// The pods this node holds: containers, sandboxes, cgroups and CNI attachments, with
     /// what each pod is missing (a leak shows as a pod known to only some of them).
     Pods,
+    /// The service load balancer's frontends and backends, from the pinned BPF maps.
+    #[command(subcommand)]
+    Lb(lb::LbCommand),
+    /// Explains an object's datapath state against the API.
+    #[command(subcommand)]
+    Explain(lb::ExplainCommand),
 }
 
 /// Runs `agentctl` with the process's arguments. Any failure is printed as
@@ -85,6 +93,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Image(command) => images::run(&cli.node, cli.output, command).await,
             Command::Pods => pods::run(&cli.node, cli.output).await,
+            Command::Lb(command) => lb::run(&cli.node, cli.output, command),
+            Command::Explain(command) => lb::explain(&cli.node, cli.output, command).await,
         }
     });
     match result {

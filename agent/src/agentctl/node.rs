@@ -40,6 +40,15 @@ pub struct NodeFlags {
     /// Directory of CNI network configurations (the first one is the pods' network).
     #[arg(long, global = true, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+    /// Where the agent pins the load balancer's maps (its `--bpffs-dir`).
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/skiff")]
+    pub bpffs_dir: PathBuf,
+    /// The kubeconfig for `explain` (default: as kubectl finds one).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, for `explain` (default: the hostname, as the agent's default).
+    #[arg(long, global = true)]
+    pub node_name: Option<String>,
 }
 
 impl NodeFlags {

@@ -150,6 +150,11 @@ impl NodeRuntime {
     }
 
     /// "containerd://<version>" for the Node's nodeInfo.
+    /// The pods' cgroup directory (`<mount>/<subtree>/kubepods`).
+    pub fn pods_cgroup_dir(&self) -> std::path::PathBuf {
+        self.cgroups.kubepods_dir()
+    }
+
     pub async fn version(&self) -> String {
         match self.containerd.server_version().await {
             Ok(version) => format!("containerd://{version}"),

@@ -1,0 +1,216 @@
+//! The service load balancer end to end: Services and EndpointSlices created with the real
+//! kubectl, programmed by a real `skiff-agent` into maps pinned under its bpffs, used by a
+//! client process in the pods' cgroup, inspected with `agentctl`, and surviving `kill -9`
+//! of the agent. Backends are network namespaces the test makes (a Service without a
+//! selector with hand-written EndpointSlices, as for any external backend). Root only.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use integration::ControlPlane;
+use integration::containerd::Containerd;
+use integration::lbnet::{self, Exchange, Topology};
+use integration::node::Node;
+use serde_json::Value;
+
+/// A cgroup for the client inside the agent's pods cgroup, where the socket hooks are.
+struct ClientCgroup(PathBuf);
+
+impl Drop for ClientCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn agentctl(node: &Node, plane: &ControlPlane, args: &[&str]) -> Output {
+    Command::new(integration::binary("agentctl"))
+        .args(args)
+        .arg("--bpffs-dir")
+        .arg(&node.bpffs_dir)
+        .arg("--kubeconfig")
+        .arg(&plane.kubeconfig)
+        .args(["--node-name", &node.name])
+        .output()
+        .expect("run agentctl")
+}
+
+fn agentctl_ok(node: &Node, plane: &ControlPlane, args: &[&str]) -> String {
+    let output = agentctl(node, plane, args);
+    assert!(
+        output.status.success(),
+        "agentctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn dump(bpffs: &Path, map: &str) -> String {
+    let output = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(bpffs.join(map))
+        .output()
+        .expect("run bpftool");
+    assert!(output.status.success(), "bpftool: {}", String::from_utf8_lossy(&output.stderr));
+    // bpftool prints in hash order, which is stable for the same contents.
+    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+fn slice_manifest(addresses: &[Ipv4Addr]) -> String {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|address| serde_json::json!({"addresses": [address.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"name": "dns", "port": 8080, "protocol": "UDP"}
+        ]
+    })
+    .to_string()
+}
+
+fn backends_seen(exchanges: &[Exchange], service: SocketAddr) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for exchange in exchanges {
+        match exchange {
+            Exchange::Reply { peer, backend } => {
+                assert_eq!(*peer, service);
+                *counts.entry(backend.clone()).or_insert(0) += 1;
+            }
+            Exchange::Error(error) => panic!("exchange with {service} failed: {error}"),
+        }
+    }
+    counts
+}
+
+#[test]
+fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
+    integration::require_root("the agent loads BPF programs and the test makes network namespaces");
+    integration::require_tool("bpftool", "apt-get install bpftool (cargo xtask test installs it)");
+    let plane = ControlPlane::start();
+    let containerd = Containerd::start();
+    let mut node = Node::start(&plane, &containerd, &[]);
+    let topology = Topology::new(3);
+    topology.serve(8080);
+    let cgroup = ClientCgroup(node.cgroup_dir.join("kubepods").join(format!("lbclient-{}", lbnet::unique_suffix())));
+    std::fs::create_dir(&cgroup.0).expect("create the client's cgroup under the pods' cgroup");
+    let client = |to: SocketAddr, mode: &str, count: usize| {
+        lbnet::client(&cgroup.0, &topology.client_netns(), to, mode, count)
+    };
+
+    let service = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"ports": [
+            {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+            {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}
+        ]}
+    });
+    let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &service.to_string());
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let backends = [lbnet::pod_address(1), lbnet::pod_address(2), lbnet::pod_address(3)];
+    let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &slice_manifest(&backends));
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let cluster_ip: Ipv4Addr = plane
+        .kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])
+        .trim()
+        .parse()
+        .expect("a ClusterIP");
+    let http = SocketAddr::from((cluster_ip, 80));
+    let dns = SocketAddr::from((cluster_ip, 53));
+
+    // The agent programs the Service within moments of its creation.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if matches!(client(http, "tcp", 1).as_slice(), [Exchange::Reply { .. }]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ClusterIP never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tcp = backends_seen(&client(http, "tcp", 300), http);
+    assert_eq!(tcp.len(), 3, "{tcp:?}");
+    let udp = backends_seen(&client(dns, "udp", 60), dns);
+    assert_eq!(udp.len(), 3, "{udp:?}");
+
+    // agentctl reads the maps; explain finds them equal to the API.
+    let listed: Value = serde_json::from_str(&agentctl_ok(&node, &plane, &["lb", "get", "default/web", "-o", "json"]))
+        .expect("agentctl lb get JSON");
+    let frontends = listed.as_array().expect("a list of frontends");
+    assert_eq!(frontends.len(), 2, "{listed:#}");
+    let connections: u64 = frontends
+        .iter()
+        .flat_map(|frontend| frontend["backends"].as_array().expect("backends").iter())
+        .map(|backend| backend["connections"].as_u64().expect("a counter"))
+        .sum();
+    assert!(connections >= 361, "per-backend counters: {connections}");
+    let explained = agentctl_ok(&node, &plane, &["explain", "service", "default/web"]);
+    assert!(explained.contains("In sync"), "{explained}");
+    let table = agentctl_ok(&node, &plane, &["lb", "list"]);
+    assert!(table.contains("default/web:http") && table.contains(&format!("{cluster_ip}:80/TCP")), "{table}");
+
+    // kill -9 of the agent in the middle of a steady stream loses no request, agentctl
+    // still reads the maps, and the restarted agent writes nothing when nothing changed.
+    let before = (dump(&node.bpffs_dir, "lb4_services"), dump(&node.bpffs_dir, "lb4_backends"));
+    let stream = {
+        let cgroup = cgroup.0.clone();
+        let netns = topology.client_netns();
+        std::thread::spawn(move || lbnet::client(&cgroup, &netns, http, "tcp", 1500))
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    node.kill();
+    let while_down = agentctl_ok(&node, &plane, &["lb", "list"]);
+    assert!(while_down.contains("default/web"), "{while_down}");
+    node.restart(&plane);
+    let streamed = backends_seen(&stream.join().expect("stream thread"), http);
+    assert_eq!(streamed.values().sum::<usize>(), 1500, "{streamed:?}");
+    let log = node.temp_dir().join("agent.log");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("load balancer maps in step")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the restarted agent never synced its maps");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = (dump(&node.bpffs_dir, "lb4_services"), dump(&node.bpffs_dir, "lb4_backends"));
+    assert!(before == after, "a restarted agent changed the maps although nothing changed");
+
+    // An endpoint leaves the slice: new connections stop reaching it.
+    let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &slice_manifest(&backends[..2]));
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = backends_seen(&client(http, "tcp", 30), http);
+        if !seen.contains_key("b3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b3 still chosen after leaving the slice: {seen:?}");
+    }
+    let seen = backends_seen(&client(http, "tcp", 200), http);
+    assert!(!seen.contains_key("b3") && seen.len() == 2, "{seen:?}");
+    let explained = agentctl_ok(&node, &plane, &["explain", "service", "default/web"]);
+    assert!(explained.contains("In sync"), "{explained}");
+
+    // The Service goes: its frontends go.
+    plane.kubectl(&["delete", "service", "web"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agentctl_ok(&node, &plane, &["lb", "list"]).contains("default/web") {
+        assert!(Instant::now() < deadline, "frontends of a deleted Service stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(cgroup);
+}
