@@ -40,6 +40,16 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the static binary test images are built from",
     ),
+    ("clang", "compiles the eBPF programs in ebpf/ (`-target bpf`)"),
+    ("libbpf-dev", "`bpf/bpf_helpers.h` for the eBPF programs"),
+    (
+        "bpftool",
+        "the load balancer tests read pinned maps and attachments with it",
+    ),
+    (
+        "iptables",
+        "`bench lb` compares with kube-proxy's iptables rules",
+    ),
 ];
 
 /// The workspace root (the parent of this crate).

@@ -650,6 +650,10 @@ fn agent_args(layout: &Layout, cni_bin_dir: &Path) -> Vec<String> {
         &layout.state_dir.display().to_string(),
         "--pod-log-dir",
         &layout.pod_log_dir.display().to_string(),
+        // The load balancer's pins live under the run directory (the agent mounts a bpffs
+        // there), so `down` removes them with the other mounts and /sys/fs/bpf is untouched.
+        "--bpffs-dir",
+        &layout.run_dir.join("bpf").display().to_string(),
         "--cni-conf-dir",
         &layout.cni_conf_dir.display().to_string(),
         "--cni-bin-dir",

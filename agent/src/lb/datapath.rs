@@ -66,8 +66,18 @@ pub struct Datapath {
     maps: Option<Maps>,
 }
 
-/// Mounts a bpffs instance at `dir` (created if missing) unless `dir` is already on one.
+/// Where systemd mounts the machine's bpffs at boot.
+const SYSTEM_BPFFS: &str = "/sys/fs/bpf";
+
+/// Makes `dir` a directory on a bpffs: created inside the bpffs that holds it already
+/// (`/sys/fs/bpf/skiff` on a systemd host), or with a bpffs mounted at `/sys/fs/bpf` when
+/// `dir` is below it and nothing is mounted there yet (as systemd would), or with a bpffs
+/// instance of its own mounted at `dir`.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), LbError> {
+    let system = Path::new(SYSTEM_BPFFS);
+    if !dir.exists() && dir.starts_with(system) && system.is_dir() && !is_bpffs(system)? {
+        mount_bpffs(system)?;
+    }
     fs::create_dir_all(dir).map_err(|source| LbError::Io {
         call: "create",
         path: dir.to_owned(),
@@ -76,6 +86,10 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LbError> {
     if is_bpffs(dir)? {
         return Ok(());
     }
+    mount_bpffs(dir)
+}
+
+fn mount_bpffs(dir: &Path) -> Result<(), LbError> {
     nix::mount::mount(
         Some("bpf"),
         dir,
