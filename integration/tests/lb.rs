@@ -308,7 +308,7 @@ fn a_full_map_is_reported_and_leaves_nothing_half_written() {
         .collect();
     let error = programmer.apply_all(frontends).expect_err("the map is full");
     assert!(
-        matches!(&error, LbError::MapFull { map: "lb4_services", frontend, .. } if frontend.contains("default/s3")),
+        matches!(&error, LbError::MapFull { map: "lb4_services", max_entries: 8, frontend, .. } if frontend.contains("default/s3")),
         "{error}"
     );
     assert!(error.to_string().contains("--lb-max-services"), "{error}");
@@ -326,4 +326,43 @@ fn a_full_map_is_reported_and_leaves_nothing_half_written() {
         .expect("run bpftool");
     let entries = String::from_utf8_lossy(&backends.stdout).matches("\"key\"").count();
     assert_eq!(entries, 6, "the third frontend's backends were rolled back");
+}
+
+#[test]
+fn any_sequence_of_changes_leaves_the_maps_equal_to_the_desired_state() {
+    integration::require_root("the load balancer tests load BPF programs");
+    let bpffs = TestBpffs::new();
+    let datapath = Datapath::load(bpffs.path(), &sizes()).expect("load");
+    let mut programmer = Programmer::new(datapath).expect("adopt");
+    // A small deterministic generator: every step picks, per frontend, a random subset of
+    // twelve backends, random terminating flags and random affinity.
+    let mut state: u64 = 0x5eed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for step in 0..60 {
+        let mut frontends = Vec::new();
+        for service in 0..4u8 {
+            if next() % 5 == 0 {
+                continue; // this Service is absent at this step
+            }
+            let chosen: Vec<u8> = (1..=12u8).filter(|_| next() % 2 == 0).collect();
+            let mut wanted = frontend(Ipv4Addr::new(10, 96, 2, service), 80, Proto::Tcp, &format!("s{service}"), &chosen);
+            for backend in &mut wanted.backends {
+                backend.terminating = next() % 4 == 0;
+            }
+            wanted.affinity_timeout = (next() % 3 == 0).then_some(60);
+            frontends.push(wanted);
+        }
+        programmer.apply_all(frontends.clone()).expect("apply");
+        let snapshot = skiff_agent::lb::inspect::read(bpffs.path()).expect("read the maps");
+        assert!(snapshot.problems.is_empty(), "step {step}: {:?}", snapshot.problems);
+        let differences = skiff_agent::lb::inspect::compare(&frontends, &snapshot.frontends);
+        assert!(differences.is_empty(), "step {step}: {differences:?}");
+        let backends: usize = frontends.iter().map(|f| f.backends.len()).sum();
+        assert_eq!(snapshot.backends_map.entries, backends, "step {step}: leaked backends");
+    }
 }

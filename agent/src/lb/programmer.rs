@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use aya::maps::{MapError, PerCpuValues};
 use skiff_ebpf::lb::{
-    BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key, Lb4ReverseNat, Lb4Service, LbBackendStats,
+    BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key, Lb4ReverseNat, Lb4Service, LbBackendStats,
     NAMES_MAP, REVNAT_MAP, SERVICES_MAP, SVC_AFFINITY, SVC_EXTERNAL_IP, SVC_LOCAL, SVC_NODEPORT,
 };
 
@@ -231,6 +231,10 @@ impl Programmer {
         this.backend_ids.collect_free();
         this.rev_nat_ids.collect_free();
         this.remove_orphans(&slots, &backends, &names)?;
+        // A crash between a backend's removal and its counters' reset leaves counts behind.
+        for backend_id in this.backend_ids.free.clone() {
+            this.zero_counters(backend_id)?;
+        }
         Ok(this)
     }
 
@@ -345,6 +349,28 @@ impl Programmer {
     }
 
     fn upsert(&mut self, frontend: &Frontend) -> Result<ApplyStats, LbError> {
+        let sizes = self.maps.sizes.clone();
+        self.upsert_inner(frontend).map_err(|error| match error {
+            LbError::MapFull {
+                map,
+                frontend,
+                flag,
+                ..
+            } => LbError::MapFull {
+                map,
+                max_entries: if map == BACKENDS_MAP {
+                    sizes.backends
+                } else {
+                    sizes.services
+                },
+                frontend,
+                flag,
+            },
+            other => other,
+        })
+    }
+
+    fn upsert_inner(&mut self, frontend: &Frontend) -> Result<ApplyStats, LbError> {
         let entry_flags = flags_of(frontend);
         let affinity_timeout = frontend.affinity_timeout.unwrap_or(0);
         let name = name_of(frontend);
@@ -443,8 +469,7 @@ impl Programmer {
                     ..Lb4Service::default()
                 },
             ) {
-                remove_backend(&mut self.maps, backend_id)?;
-                self.backend_ids.release(backend_id);
+                self.free_backend(backend_id)?;
                 return Err(full(error, &name));
             }
             stats.map_writes += 1;
@@ -499,9 +524,8 @@ impl Programmer {
             stats.map_writes += 1;
         }
         for backend_id in removed_ids {
-            remove_backend(&mut self.maps, backend_id)?;
-            self.backend_ids.release(backend_id);
-            stats.map_writes += 1;
+            self.free_backend(backend_id)?;
+            stats.map_writes += 2;
             stats.backends_removed += 1;
         }
         if programmed.name != name {
@@ -590,8 +614,7 @@ impl Programmer {
             // Nothing half-done: undo what this frontend wrote.
             for (index, slot) in slots.iter().enumerate() {
                 let _ = self.maps.services.remove(&base_key.with_slot(slot_number(index)));
-                let _ = remove_backend(&mut self.maps, slot.backend_id);
-                self.backend_ids.release(slot.backend_id);
+                let _ = self.free_backend(slot.backend_id);
             }
             let _ = self.maps.revnat.remove(&rev_nat_index);
             let _ = self.maps.names.remove(&rev_nat_index);
@@ -624,27 +647,39 @@ impl Programmer {
             frontend: name.to_owned(),
             flag: "backends",
         })?;
+        // Free ids have zeroed counters (see `free_backend`), so a new backend starts at 0.
         let written = insert(&mut self.maps.backends, BACKENDS_MAP, &backend_id, value)
-            .map_err(|error| full(error, name))
-            .and_then(|()| {
-                let zero = PerCpuValues::try_from(vec![LbBackendStats::default(); self.n_cpus])
-                    .map_err(|source| LbError::Io {
-                        call: "per-cpu counters of",
-                        path: BACKENDS_MAP.into(),
-                        source,
-                    })?;
-                self.maps
-                    .stats
-                    .set(backend_id, zero, 0)
-                    .map_err(|source| map_error(BACKENDS_MAP, "zero counters", source))
-            });
+            .map_err(|error| full(error, name));
         if let Err(error) = written {
             self.backend_ids.release(backend_id);
             return Err(error);
         }
-        stats.map_writes += 2;
+        stats.map_writes += 1;
         stats.backends_added += 1;
         Ok(backend_id)
+    }
+
+    /// Deletes a backend, zeroes its counters and frees its id: a free id always has zero
+    /// counters, so allocation writes nothing but the backend.
+    fn free_backend(&mut self, backend_id: u32) -> Result<(), LbError> {
+        remove_backend(&mut self.maps, backend_id)?;
+        self.zero_counters(backend_id)?;
+        self.backend_ids.release(backend_id);
+        Ok(())
+    }
+
+    fn zero_counters(&mut self, backend_id: u32) -> Result<(), LbError> {
+        let zero = PerCpuValues::try_from(vec![LbBackendStats::default(); self.n_cpus]).map_err(
+            |source| LbError::Io {
+                call: "per-cpu counters of",
+                path: BACKENDS_MAP.into(),
+                source,
+            },
+        )?;
+        self.maps
+            .stats
+            .set(backend_id, zero, 0)
+            .map_err(|source| map_error(BACKEND_STATS_MAP, "zero counters", source))
     }
 
     fn remove_frontend(&mut self, key: &FrontendKey) -> Result<ApplyStats, LbError> {
@@ -661,15 +696,14 @@ impl Programmer {
         for (index, slot) in programmed.slots.iter().enumerate() {
             remove(&mut self.maps.services, SERVICES_MAP, &base_key.with_slot(slot_number(index)))?;
             if slot.backend.is_some() {
-                remove_backend(&mut self.maps, slot.backend_id)?;
-                self.backend_ids.release(slot.backend_id);
+                self.free_backend(slot.backend_id)?;
                 stats.backends_removed += 1;
             }
         }
         remove(&mut self.maps.revnat, REVNAT_MAP, &programmed.rev_nat_index)?;
         remove(&mut self.maps.names, NAMES_MAP, &programmed.rev_nat_index)?;
         self.rev_nat_ids.release(u32::from(programmed.rev_nat_index));
-        stats.map_writes += 3 + 2 * programmed.slots.len();
+        stats.map_writes += 3 + 3 * programmed.slots.len();
         Ok(stats)
     }
 }
