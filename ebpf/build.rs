@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let include = manifest_dir.join("include");
     println!("cargo:rerun-if-changed={}", include.display());
@@ -40,7 +42,11 @@ fn compile(clang: &str, source: &Path, include: &Path, multiarch: Option<&Path>,
             "run {clang} to build the eBPF programs: {error} (install clang and libbpf-dev; `cargo xtask test` and `cargo xtask up` install them)"
         ),
     };
-    assert!(status.success(), "{clang} failed on {}: {status}", source.display());
+    assert!(
+        status.success(),
+        "{clang} failed on {}: {status}",
+        source.display()
+    );
 }
 
 /// The directory with `asm/types.h` for the build machine's architecture, which

@@ -104,11 +104,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                         IpAddr::V6(_) => Vec::new(),
                     },
                 };
-                Some(tokio::spawn(crate::lb::sync::run(client.clone(), node, programmer)))
+                Some(tokio::spawn(crate::lb::sync::run(
+                    client.clone(),
+                    node,
+                    programmer,
+                )))
             }
             Err(error) => {
                 // Pods still run; Services do not resolve on this node until it is fixed.
-                tracing::error!(error = format!("{error:#}"), "service load balancer not started");
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "service load balancer not started"
+                );
                 None
             }
         }

@@ -54,7 +54,9 @@ pub enum LbError {
         source: Box<aya::maps::MapError>,
     },
     /// A map has no room for an entry; the frontend named is left as it was.
-    #[error("map {map} is full ({max_entries} entries): {frontend} not programmed; raise --lb-max-{flag}")]
+    #[error(
+        "map {map} is full ({max_entries} entries): {frontend} not programmed; raise --lb-max-{flag}"
+    )]
     MapFull {
         map: &'static str,
         max_entries: u32,

@@ -196,18 +196,70 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // SKIFF_CONTROLLERS=off does for the controllers.
     let scheduler_off =
         std::env::var("SKIFF_SCHEDULER").is_ok_and(|v| v == "off" || v == "false" || v == "0");
-    if scheduler_off {
+    let scheduler = if scheduler_off {
         tracing::info!("in-process scheduler disabled (SKIFF_SCHEDULER=off)");
+        None
     } else {
         let scheduler_client = client.clone();
-        tokio::spawn(supervise("scheduler", move || {
+        Some(tokio::spawn(supervise("scheduler", move || {
             skiff_control::scheduler::run_with_leader_election(scheduler_client.clone())
-        }));
-    }
-    tokio::spawn(supervise("controllers", move || {
+        })))
+    };
+    let controllers = tokio::spawn(supervise("controllers", move || {
         skiff_control::controllers::run_workloads(client.clone())
     }));
-    serving.await.context("API server task")?
+    tokio::select! {
+        result = serving => result.context("API server task")?,
+        () = termination() => {
+            // Leaders give their Leases up, so a standby control plane takes over at once.
+            skiff_control::controllers::leader::request_stop();
+            let _ = tokio::time::timeout(RELEASE_WAIT, async {
+                let _ = controllers.await;
+                if let Some(scheduler) = scheduler {
+                    let _ = scheduler.await;
+                }
+            })
+            .await;
+            Ok(())
+        }
+    }
+}
+
+/// How long a stopping process waits for its elections to release their Leases.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// SIGTERM or SIGINT.
+async fn termination() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs an elected component until it returns or the process is asked to stop, in which
+/// case its Lease is released first.
+async fn until_terminated(
+    component: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut component = std::pin::pin!(component);
+    tokio::select! {
+        result = &mut component => result,
+        () = termination() => {
+            skiff_control::controllers::leader::request_stop();
+            match tokio::time::timeout(RELEASE_WAIT, component).await {
+                Ok(result) => result,
+                Err(_) => Ok(()),
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -224,11 +276,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Scheduler(args) => {
             let client = client_from(args.kubeconfig.as_deref()).await?;
-            skiff_control::scheduler::run_with_leader_election(client).await
+            until_terminated(skiff_control::scheduler::run_with_leader_election(client)).await
         }
         Command::Controllers(args) => {
             let client = client_from(args.kubeconfig.as_deref()).await?;
-            skiff_control::controllers::run_workloads(client).await
+            until_terminated(skiff_control::controllers::run_workloads(client)).await
         }
         Command::Sim(args) => {
             let client = client_from(args.client.kubeconfig.as_deref()).await?;

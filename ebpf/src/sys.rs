@@ -2,7 +2,10 @@
 //! programs: a cgroup link that outlives the agent must be created as a link, pinned, found
 //! again after a restart, and pointed at the new program (`BPF_LINK_UPDATE`), atomically.
 //! aya creates such links but neither exposes their descriptor nor pins them.
-#![allow(unsafe_code, reason = "raw bpf() syscalls; each call says why it is sound")]
+#![allow(
+    unsafe_code,
+    reason = "raw bpf() syscalls; each call says why it is sound"
+)]
 
 use std::ffi::CString;
 use std::io;

@@ -61,16 +61,25 @@ impl Topology {
             let host_end = format!("v{index}");
             run(
                 "ip",
-                &["-n", &node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &pod],
+                &[
+                    "-n", &node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
+                    "netns", &pod,
+                ],
             );
-            run("ip", &["-n", &node, "link", "set", &host_end, "master", "br0", "up"]);
+            run(
+                "ip",
+                &["-n", &node, "link", "set", &host_end, "master", "br0", "up"],
+            );
             let address = format!("{}/24", pod_address(index));
             run("ip", &["-n", &pod, "addr", "add", &address, "dev", "eth0"]);
             run("ip", &["-n", &pod, "link", "set", "eth0", "up"]);
             run("ip", &["-n", &pod, "link", "set", "lo", "up"]);
             // Service addresses are translated before routing, but a socket needs a route
             // to the address it asked for to get that far.
-            run("ip", &["-n", &pod, "route", "add", "default", "dev", "eth0"]);
+            run(
+                "ip",
+                &["-n", &pod, "route", "add", "default", "dev", "eth0"],
+            );
         }
         topology
     }
@@ -95,8 +104,10 @@ impl Topology {
             let name = format!("b{index}");
             let (listener, socket) = std::thread::spawn(move || {
                 let file = std::fs::File::open(&netns).expect("open backend netns");
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter backend netns");
-                let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp server");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("enter backend netns");
+                let tcp =
+                    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp server");
                 let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp server");
                 (tcp, udp)
             })
@@ -134,7 +145,9 @@ impl Drop for Topology {
         for pod in &self.pods {
             let _ = Command::new("ip").args(["netns", "del", pod]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.node]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
     }
 }
 
@@ -147,8 +160,11 @@ impl TestCgroup {
     pub fn new() -> Self {
         let mount = skiff_agent::cgroups::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))
             .expect("a cgroup2 mount (the socket load balancer attaches there)");
-        let path = mount.mount_point.join(format!("skiff-lb-test-{}", unique_suffix()));
-        std::fs::create_dir(&path).unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
+        let path = mount
+            .mount_point
+            .join(format!("skiff-lb-test-{}", unique_suffix()));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
         Self { path }
     }
 }
@@ -182,7 +198,10 @@ impl TestBpffs {
             .prefix("skiff-bpffs-")
             .tempdir()
             .expect("temp dir for bpffs");
-        run("mount", &["-t", "bpf", "bpf", &dir.path().display().to_string()]);
+        run(
+            "mount",
+            &["-t", "bpf", "bpf", &dir.path().display().to_string()],
+        );
         Self { dir }
     }
 
@@ -211,7 +230,13 @@ pub enum Exchange {
 }
 
 /// Runs `lb-client` in `cgroup` and `netns` (`mode`: `tcp` or `udp`) and parses its lines.
-pub fn client(cgroup: &Path, netns: &Path, to: SocketAddr, mode: &str, count: usize) -> Vec<Exchange> {
+pub fn client(
+    cgroup: &Path,
+    netns: &Path,
+    to: SocketAddr,
+    mode: &str,
+    count: usize,
+) -> Vec<Exchange> {
     let output = Command::new(crate::binary("lb-client"))
         .arg("--cgroup")
         .arg(cgroup)
@@ -225,7 +250,10 @@ pub fn client(cgroup: &Path, netns: &Path, to: SocketAddr, mode: &str, count: us
         "lb-client failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout).lines().map(parse_exchange).collect()
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(parse_exchange)
+        .collect()
 }
 
 fn parse_exchange(line: &str) -> Exchange {

@@ -1198,6 +1198,13 @@ impl Drop for EnvPlane {
 struct KilledOnDrop(std::process::Child);
 
 impl KilledOnDrop {
+    /// SIGTERM, as systemd stops a unit; waits for the process to exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("a pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("send SIGTERM");
+        self.0.wait().expect("wait for skiff-control")
+    }
+
     fn kill(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -1472,4 +1479,45 @@ async fn standby_controllers_take_over_when_the_leader_dies() {
         async || (handle.items("/api/v1/namespaces/default/pods").await.len() == 5).then_some(()),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminated_leader_releases_its_lease_and_the_standby_takes_over_at_once() {
+    let plane = EnvPlane::start(&[("SKIFF_CONTROLLERS", "off")]);
+    let handle = &plane.handle;
+    // A Lease that would take 60 s to expire: only a release explains a quick takeover.
+    let timings = [
+        ("SKIFF_LEADER_LEASE_DURATION", "60"),
+        ("SKIFF_LEADER_RENEW_DEADLINE", "40"),
+        ("SKIFF_LEADER_RETRY_PERIOD", "0.5"),
+    ];
+    let mut first = plane.controllers(&timings);
+    let leader = poll("a leader", Duration::from_secs(20), async || {
+        lease_holder(handle)
+            .await
+            .filter(|holder| !holder.is_empty())
+    })
+    .await;
+    let _second = plane.controllers(&timings);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped_at = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || first.terminate())
+        .await
+        .expect("terminate");
+    assert!(
+        status.success(),
+        "skiff-control controllers exited with {status} on SIGTERM"
+    );
+    let successor = poll("the standby leading", Duration::from_secs(10), async || {
+        lease_holder(handle)
+            .await
+            .filter(|holder| !holder.is_empty() && *holder != leader)
+    })
+    .await;
+    assert_ne!(successor, leader);
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(10),
+        "takeover took {:?}",
+        stopped_at.elapsed()
+    );
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use integration::lbnet::{self, Exchange, HeldConnection, TestBpffs, TestCgroup, Topology};
 use skiff_agent::lb::LbError;
 use skiff_agent::lb::datapath::{Datapath, MapSizes};
-use skiff_agent::lb::desired::{Backend, Frontend, FrontendKey, FrontendKind, Proto, Scope, ServicePortRef};
+use skiff_agent::lb::desired::{
+    Backend, Frontend, FrontendKey, FrontendKind, Proto, Scope, ServicePortRef,
+};
 use skiff_agent::lb::programmer::Programmer;
 
 const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -63,13 +65,18 @@ struct Setup {
 
 impl Setup {
     fn new(n_backends: u8) -> Self {
-        integration::require_root("the load balancer tests load BPF programs and make network namespaces");
+        integration::require_root(
+            "the load balancer tests load BPF programs and make network namespaces",
+        );
         let topology = Topology::new(n_backends);
         topology.serve(PORT);
         let cgroup = TestCgroup::new();
         let bpffs = TestBpffs::new();
-        let mut datapath = Datapath::load(bpffs.path(), &sizes()).expect("load the socket programs");
-        datapath.attach_cgroup(&cgroup.path).expect("attach the socket hooks");
+        let mut datapath =
+            Datapath::load(bpffs.path(), &sizes()).expect("load the socket programs");
+        datapath
+            .attach_cgroup(&cgroup.path)
+            .expect("attach the socket hooks");
         let programmer = Programmer::new(datapath).expect("adopt the maps");
         Self {
             topology,
@@ -80,7 +87,13 @@ impl Setup {
     }
 
     fn client(&self, to: SocketAddr, mode: &str, count: usize) -> Vec<Exchange> {
-        lbnet::client(&self.cgroup.path, &self.topology.client_netns(), to, mode, count)
+        lbnet::client(
+            &self.cgroup.path,
+            &self.topology.client_netns(),
+            to,
+            mode,
+            count,
+        )
     }
 }
 
@@ -90,7 +103,10 @@ fn spread(exchanges: &[Exchange], service: SocketAddr) -> BTreeMap<String, usize
     for exchange in exchanges {
         match exchange {
             Exchange::Reply { peer, backend } => {
-                assert_eq!(*peer, service, "the socket must show the service address, not the backend's");
+                assert_eq!(
+                    *peer, service,
+                    "the socket must show the service address, not the backend's"
+                );
                 *counts.entry(backend.clone()).or_default() += 1;
             }
             Exchange::Error(error) => panic!("exchange failed: {error}"),
@@ -126,11 +142,17 @@ fn tcp_and_udp_reach_every_backend_evenly_and_see_the_service_address() {
 
     let tcp_service = SocketAddr::from((SERVICE_IP, 80));
     let tcp = spread(&setup.client(tcp_service, "tcp", 3000), tcp_service);
-    assert!(roughly_even(&tcp, 3), "3000 TCP connections not spread evenly: {tcp:?}");
+    assert!(
+        roughly_even(&tcp, 3),
+        "3000 TCP connections not spread evenly: {tcp:?}"
+    );
 
     let udp_service = SocketAddr::from((SERVICE_IP, 53));
     let udp = spread(&setup.client(udp_service, "udp", 600), udp_service);
-    assert!(roughly_even(&udp, 3), "600 UDP exchanges not spread evenly: {udp:?}");
+    assert!(
+        roughly_even(&udp, 3),
+        "600 UDP exchanges not spread evenly: {udp:?}"
+    );
 
     // The programmer reads back what it wrote: applying the same state writes nothing.
     let again = setup
@@ -157,13 +179,20 @@ fn a_removed_backend_gets_no_new_connections_while_its_open_ones_keep_working() 
     let service = SocketAddr::from((SERVICE_IP, 80));
     setup
         .programmer
-        .apply_all(vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2, 3])])
+        .apply_all(vec![frontend(
+            SERVICE_IP,
+            80,
+            Proto::Tcp,
+            "web",
+            &[1, 2, 3],
+        )])
         .expect("program the service");
     // Open connections until one lands on b3, the backend about to go.
     let mut held = Vec::new();
     let mut on_b3 = None;
     for _ in 0..60 {
-        let mut connection = HeldConnection::open(&setup.cgroup.path, &setup.topology.client_netns(), service);
+        let mut connection =
+            HeldConnection::open(&setup.cgroup.path, &setup.topology.client_netns(), service);
         if backend_of(&connection.ask()) == "b3" {
             on_b3 = Some(connection);
             break;
@@ -175,14 +204,24 @@ fn a_removed_backend_gets_no_new_connections_while_its_open_ones_keep_working() 
     let started = std::time::Instant::now();
     setup
         .programmer
-        .apply_service("default", "web", vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2])])
+        .apply_service(
+            "default",
+            "web",
+            vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2])],
+        )
         .expect("remove b3");
     let programmed_in = started.elapsed();
-    assert!(programmed_in < Duration::from_millis(100), "removal took {programmed_in:?}");
+    assert!(
+        programmed_in < Duration::from_millis(100),
+        "removal took {programmed_in:?}"
+    );
 
     let after = setup.client(service, "tcp", 300);
     let counts = spread(&after, service);
-    assert!(!counts.contains_key("b3"), "a new connection reached the removed backend: {counts:?}");
+    assert!(
+        !counts.contains_key("b3"),
+        "a new connection reached the removed backend: {counts:?}"
+    );
     assert_eq!(counts.len(), 2, "{counts:?}");
     // The open connection to b3 is untouched, as are those to the backends that stay.
     for _ in 0..3 {
@@ -190,7 +229,10 @@ fn a_removed_backend_gets_no_new_connections_while_its_open_ones_keep_working() 
     }
     for connection in &mut held {
         let before = connection.first_line.clone();
-        assert!(matches!(connection.ask(), Exchange::Reply { .. }), "{before}");
+        assert!(
+            matches!(connection.ask(), Exchange::Reply { .. }),
+            "{before}"
+        );
     }
 }
 
@@ -203,10 +245,17 @@ fn client_ip_affinity_sticks_and_a_service_without_endpoints_refuses() {
     affine.affinity_timeout = Some(10_800);
     setup
         .programmer
-        .apply_all(vec![affine, frontend(SERVICE_IP, 81, Proto::Tcp, "empty", &[])])
+        .apply_all(vec![
+            affine,
+            frontend(SERVICE_IP, 81, Proto::Tcp, "empty", &[]),
+        ])
         .expect("program the services");
     let counts = spread(&setup.client(sticky, "tcp", 200), sticky);
-    assert_eq!(counts.len(), 1, "ClientIP affinity must keep one backend: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        1,
+        "ClientIP affinity must keep one backend: {counts:?}"
+    );
     // UDP from the same client follows its own frontend's affinity (none here): spread.
     let refused = setup.client(empty, "tcp", 1);
     assert!(
@@ -233,7 +282,10 @@ fn a_new_agent_adopts_the_pinned_maps_and_traffic_never_stops() {
     let mut setup = Setup::new(2);
     let service = SocketAddr::from((SERVICE_IP, 80));
     let desired = || vec![frontend(SERVICE_IP, 80, Proto::Tcp, "web", &[1, 2])];
-    setup.programmer.apply_all(desired()).expect("program the service");
+    setup
+        .programmer
+        .apply_all(desired())
+        .expect("program the service");
 
     // Requests run without pause while the "agent" goes away and a new one starts.
     let cgroup = setup.cgroup.path.clone();
@@ -250,10 +302,17 @@ fn a_new_agent_adopts_the_pinned_maps_and_traffic_never_stops() {
     drop(programmer);
     std::thread::sleep(Duration::from_millis(100));
     let mut datapath = Datapath::load(bpffs.path(), &sizes()).expect("reload with the pinned maps");
-    datapath.attach_cgroup(&cgroup.path).expect("re-attach: the pinned links are updated in place");
+    datapath
+        .attach_cgroup(&cgroup.path)
+        .expect("re-attach: the pinned links are updated in place");
     let mut programmer = Programmer::new(datapath).expect("adopt");
-    let stats = programmer.apply_all(desired()).expect("apply the same desired state");
-    assert!(stats.is_noop(), "a restarted agent rewrote unchanged maps: {stats:?}");
+    let stats = programmer
+        .apply_all(desired())
+        .expect("apply the same desired state");
+    assert!(
+        stats.is_noop(),
+        "a restarted agent rewrote unchanged maps: {stats:?}"
+    );
 
     let exchanges = traffic.join().expect("traffic thread");
     let counts = spread(&exchanges, service);
@@ -275,13 +334,28 @@ fn ten_thousand_services_with_four_endpoints_each_fit_and_work() {
     let frontends: Vec<Frontend> = (0..10_000u32)
         .map(|index| {
             let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index);
-            frontend(address, 80, Proto::Tcp, &format!("svc-{index}"), &[1, 2, 3, 4])
+            frontend(
+                address,
+                80,
+                Proto::Tcp,
+                &format!("svc-{index}"),
+                &[1, 2, 3, 4],
+            )
         })
         .collect();
     let started = std::time::Instant::now();
-    let stats = setup.programmer.apply_all(frontends).expect("program 10 000 services");
-    eprintln!("programmed 10 000 services x 4 endpoints in {:?}: {stats:?}", started.elapsed());
-    assert_eq!((stats.frontends_added, stats.backends_added), (10_000, 40_000));
+    let stats = setup
+        .programmer
+        .apply_all(frontends)
+        .expect("program 10 000 services");
+    eprintln!(
+        "programmed 10 000 services x 4 endpoints in {:?}: {stats:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (stats.frontends_added, stats.backends_added),
+        (10_000, 40_000)
+    );
     for index in [0u32, 4_999, 9_999] {
         let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index);
         let service = SocketAddr::from((address, 80));
@@ -304,9 +378,19 @@ fn a_full_map_is_reported_and_leaves_nothing_half_written() {
     let mut programmer = Programmer::new(datapath).expect("adopt");
     // Each frontend takes 1 + 3 entries of lb4_services: the third does not fit.
     let frontends: Vec<Frontend> = (1..=3u8)
-        .map(|index| frontend(Ipv4Addr::new(10, 96, 1, index), 80, Proto::Tcp, &format!("s{index}"), &[1, 2, 3]))
+        .map(|index| {
+            frontend(
+                Ipv4Addr::new(10, 96, 1, index),
+                80,
+                Proto::Tcp,
+                &format!("s{index}"),
+                &[1, 2, 3],
+            )
+        })
         .collect();
-    let error = programmer.apply_all(frontends).expect_err("the map is full");
+    let error = programmer
+        .apply_all(frontends)
+        .expect_err("the map is full");
     assert!(
         matches!(&error, LbError::MapFull { map: "lb4_services", max_entries: 8, frontend, .. } if frontend.contains("default/s3")),
         "{error}"
@@ -317,14 +401,21 @@ fn a_full_map_is_reported_and_leaves_nothing_half_written() {
         .arg(bpffs.path().join("lb4_services"))
         .output()
         .expect("run bpftool");
-    let entries = String::from_utf8_lossy(&dump.stdout).matches("\"key\"").count();
-    assert_eq!(entries, 8, "two whole frontends (2 x 4 entries), nothing of the third");
+    let entries = String::from_utf8_lossy(&dump.stdout)
+        .matches("\"key\"")
+        .count();
+    assert_eq!(
+        entries, 8,
+        "two whole frontends (2 x 4 entries), nothing of the third"
+    );
     let backends = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
         .arg(bpffs.path().join("lb4_backends"))
         .output()
         .expect("run bpftool");
-    let entries = String::from_utf8_lossy(&backends.stdout).matches("\"key\"").count();
+    let entries = String::from_utf8_lossy(&backends.stdout)
+        .matches("\"key\"")
+        .count();
     assert_eq!(entries, 6, "the third frontend's backends were rolled back");
 }
 
@@ -350,7 +441,13 @@ fn any_sequence_of_changes_leaves_the_maps_equal_to_the_desired_state() {
                 continue; // this Service is absent at this step
             }
             let chosen: Vec<u8> = (1..=12u8).filter(|_| next() % 2 == 0).collect();
-            let mut wanted = frontend(Ipv4Addr::new(10, 96, 2, service), 80, Proto::Tcp, &format!("s{service}"), &chosen);
+            let mut wanted = frontend(
+                Ipv4Addr::new(10, 96, 2, service),
+                80,
+                Proto::Tcp,
+                &format!("s{service}"),
+                &chosen,
+            );
             for backend in &mut wanted.backends {
                 backend.terminating = next() % 4 == 0;
             }
@@ -359,10 +456,17 @@ fn any_sequence_of_changes_leaves_the_maps_equal_to_the_desired_state() {
         }
         programmer.apply_all(frontends.clone()).expect("apply");
         let snapshot = skiff_agent::lb::inspect::read(bpffs.path()).expect("read the maps");
-        assert!(snapshot.problems.is_empty(), "step {step}: {:?}", snapshot.problems);
+        assert!(
+            snapshot.problems.is_empty(),
+            "step {step}: {:?}",
+            snapshot.problems
+        );
         let differences = skiff_agent::lb::inspect::compare(&frontends, &snapshot.frontends);
         assert!(differences.is_empty(), "step {step}: {differences:?}");
         let backends: usize = frontends.iter().map(|f| f.backends.len()).sum();
-        assert_eq!(snapshot.backends_map.entries, backends, "step {step}: leaked backends");
+        assert_eq!(
+            snapshot.backends_map.entries, backends,
+            "step {step}: leaked backends"
+        );
     }
 }

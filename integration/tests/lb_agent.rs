@@ -53,9 +53,16 @@ fn dump(bpffs: &Path, map: &str) -> String {
         .arg(bpffs.join(map))
         .output()
         .expect("run bpftool");
-    assert!(output.status.success(), "bpftool: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // bpftool prints in hash order, which is stable for the same contents.
-    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     lines.sort();
     lines.join("\n")
 }
@@ -79,7 +86,10 @@ fn slice_manifest(addresses: &[Ipv4Addr]) -> String {
     .to_string()
 }
 
-fn backends_seen(exchanges: &[Exchange], service: SocketAddr) -> std::collections::BTreeMap<String, usize> {
+fn backends_seen(
+    exchanges: &[Exchange],
+    service: SocketAddr,
+) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for exchange in exchanges {
         match exchange {
@@ -96,13 +106,20 @@ fn backends_seen(exchanges: &[Exchange], service: SocketAddr) -> std::collection
 #[test]
 fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
     integration::require_root("the agent loads BPF programs and the test makes network namespaces");
-    integration::require_tool("bpftool", "apt-get install bpftool (cargo xtask test installs it)");
+    integration::require_tool(
+        "bpftool",
+        "apt-get install bpftool (cargo xtask test installs it)",
+    );
     let plane = ControlPlane::start();
     let containerd = Containerd::start();
     let mut node = Node::start(&plane, &containerd, &[]);
     let topology = Topology::new(3);
     topology.serve(8080);
-    let cgroup = ClientCgroup(node.cgroup_dir.join("kubepods").join(format!("lbclient-{}", lbnet::unique_suffix())));
+    let cgroup = ClientCgroup(
+        node.cgroup_dir
+            .join("kubepods")
+            .join(format!("lbclient-{}", lbnet::unique_suffix())),
+    );
     std::fs::create_dir(&cgroup.0).expect("create the client's cgroup under the pods' cgroup");
     let client = |to: SocketAddr, mode: &str, count: usize| {
         lbnet::client(&cgroup.0, &topology.client_netns(), to, mode, count)
@@ -118,10 +135,22 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
         ]}
     });
     let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &service.to_string());
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let backends = [lbnet::pod_address(1), lbnet::pod_address(2), lbnet::pod_address(3)];
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let backends = [
+        lbnet::pod_address(1),
+        lbnet::pod_address(2),
+        lbnet::pod_address(3),
+    ];
     let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &slice_manifest(&backends));
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
     let cluster_ip: Ipv4Addr = plane
         .kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])
         .trim()
@@ -145,8 +174,12 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
     assert_eq!(udp.len(), 3, "{udp:?}");
 
     // agentctl reads the maps; explain finds them equal to the API.
-    let listed: Value = serde_json::from_str(&agentctl_ok(&node, &plane, &["lb", "get", "default/web", "-o", "json"]))
-        .expect("agentctl lb get JSON");
+    let listed: Value = serde_json::from_str(&agentctl_ok(
+        &node,
+        &plane,
+        &["lb", "get", "default/web", "-o", "json"],
+    ))
+    .expect("agentctl lb get JSON");
     let frontends = listed.as_array().expect("a list of frontends");
     assert_eq!(frontends.len(), 2, "{listed:#}");
     let connections: u64 = frontends
@@ -158,11 +191,17 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
     let explained = agentctl_ok(&node, &plane, &["explain", "service", "default/web"]);
     assert!(explained.contains("In sync"), "{explained}");
     let table = agentctl_ok(&node, &plane, &["lb", "list"]);
-    assert!(table.contains("default/web:http") && table.contains(&format!("{cluster_ip}:80/TCP")), "{table}");
+    assert!(
+        table.contains("default/web:http") && table.contains(&format!("{cluster_ip}:80/TCP")),
+        "{table}"
+    );
 
     // kill -9 of the agent in the middle of a steady stream loses no request, agentctl
     // still reads the maps, and the restarted agent writes nothing when nothing changed.
-    let before = (dump(&node.bpffs_dir, "lb4_services"), dump(&node.bpffs_dir, "lb4_backends"));
+    let before = (
+        dump(&node.bpffs_dir, "lb4_services"),
+        dump(&node.bpffs_dir, "lb4_backends"),
+    );
     let stream = {
         let cgroup = cgroup.0.clone();
         let netns = topology.client_netns();
@@ -183,22 +222,38 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
         .count()
         < 2
     {
-        assert!(Instant::now() < deadline, "the restarted agent never synced its maps");
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never synced its maps"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let after = (dump(&node.bpffs_dir, "lb4_services"), dump(&node.bpffs_dir, "lb4_backends"));
-    assert!(before == after, "a restarted agent changed the maps although nothing changed");
+    let after = (
+        dump(&node.bpffs_dir, "lb4_services"),
+        dump(&node.bpffs_dir, "lb4_backends"),
+    );
+    assert!(
+        before == after,
+        "a restarted agent changed the maps although nothing changed"
+    );
 
     // An endpoint leaves the slice: new connections stop reaching it.
     let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &slice_manifest(&backends[..2]));
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seen = backends_seen(&client(http, "tcp", 30), http);
         if !seen.contains_key("b3") {
             break;
         }
-        assert!(Instant::now() < deadline, "b3 still chosen after leaving the slice: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "b3 still chosen after leaving the slice: {seen:?}"
+        );
     }
     let seen = backends_seen(&client(http, "tcp", 200), http);
     assert!(!seen.contains_key("b3") && seen.len() == 2, "{seen:?}");
@@ -209,7 +264,10 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
     plane.kubectl(&["delete", "service", "web"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while agentctl_ok(&node, &plane, &["lb", "list"]).contains("default/web") {
-        assert!(Instant::now() < deadline, "frontends of a deleted Service stayed");
+        assert!(
+            Instant::now() < deadline,
+            "frontends of a deleted Service stayed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(cgroup);

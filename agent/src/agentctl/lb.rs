@@ -42,7 +42,9 @@ fn snapshot(flags: &NodeFlags) -> anyhow::Result<Snapshot> {
 
 fn split_service(text: &str) -> anyhow::Result<(&str, &str)> {
     match text.split_once('/') {
-        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => Ok((namespace, name)),
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok((namespace, name))
+        }
         _ => bail!("service {text:?}: expected NAMESPACE/NAME"),
     }
 }
@@ -101,7 +103,12 @@ fn frontend_table(frontends: &[FrontendView]) -> String {
         } else {
             view.backends
                 .iter()
-                .map(|backend| format!("{}:{}({})", backend.address, backend.port, backend.connections))
+                .map(|backend| {
+                    format!(
+                        "{}:{}({})",
+                        backend.address, backend.port, backend.connections
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -118,13 +125,30 @@ fn frontend_table(frontends: &[FrontendView]) -> String {
 
 /// One row per backend of each frontend.
 fn backend_table(frontends: &[FrontendView]) -> String {
-    let mut table = Table::new(&["FRONTEND", "SCOPE", "AFFINITY", "SLOT", "BACKEND", "STATE", "CONNECTIONS"]);
+    let mut table = Table::new(&[
+        "FRONTEND",
+        "SCOPE",
+        "AFFINITY",
+        "SLOT",
+        "BACKEND",
+        "STATE",
+        "CONNECTIONS",
+    ]);
     for view in frontends {
-        let affinity = view
-            .affinity_timeout_seconds
-            .map_or_else(|| "None".to_owned(), |seconds| format!("ClientIP {seconds}s"));
+        let affinity = view.affinity_timeout_seconds.map_or_else(
+            || "None".to_owned(),
+            |seconds| format!("ClientIP {seconds}s"),
+        );
         if view.backends.is_empty() {
-            table.row(vec![view.endpoint(), view.scope.into(), affinity.clone(), "-".into(), "<none>".into(), "-".into(), "-".into()]);
+            table.row(vec![
+                view.endpoint(),
+                view.scope.into(),
+                affinity.clone(),
+                "-".into(),
+                "<none>".into(),
+                "-".into(),
+                "-".into(),
+            ]);
         }
         for backend in &view.backends {
             let state = match (backend.terminating, backend.local) {
@@ -169,7 +193,11 @@ struct DesiredView {
     backends: Vec<String>,
 }
 
-pub async fn explain(flags: &NodeFlags, format: Format, command: ExplainCommand) -> anyhow::Result<()> {
+pub async fn explain(
+    flags: &NodeFlags,
+    format: Format,
+    command: ExplainCommand,
+) -> anyhow::Result<()> {
     let ExplainCommand::Service { service } = command;
     let (namespace, name) = split_service(&service)?;
     let client = kube_client(flags.kubeconfig.as_deref()).await?;
@@ -180,7 +208,9 @@ pub async fn explain(flags: &NodeFlags, format: Format, command: ExplainCommand)
         .with_context(|| format!("get service {namespace}/{name}"))?;
     let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client.clone(), namespace);
     let slices = slices
-        .list(&kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+        .list(
+            &kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={name}")),
+        )
         .await
         .with_context(|| format!("list the endpoint slices of {namespace}/{name}"))?;
     let node = node_context(&client, flags).await?;
@@ -224,13 +254,24 @@ pub async fn explain(flags: &NodeFlags, format: Format, command: ExplainCommand)
                     view.frontend.clone(),
                     view.scope.into(),
                     view.kind.into(),
-                    view.affinity_timeout_seconds.map_or("None".into(), |s| format!("ClientIP {s}s")),
-                    if view.backends.is_empty() { "<none>".into() } else { view.backends.join(" ") },
+                    view.affinity_timeout_seconds
+                        .map_or("None".into(), |s| format!("ClientIP {s}s")),
+                    if view.backends.is_empty() {
+                        "<none>".into()
+                    } else {
+                        view.backends.join(" ")
+                    },
                 ]);
             }
             print!("{}", table.render("  "));
             println!("\nHeld in the maps:");
-            print!("{}", backend_table(&explanation.programmed).lines().map(|line| format!("  {line}\n")).collect::<String>());
+            print!(
+                "{}",
+                backend_table(&explanation.programmed)
+                    .lines()
+                    .map(|line| format!("  {line}\n"))
+                    .collect::<String>()
+            );
             if explanation.differences.is_empty() {
                 println!("\nIn sync: the maps hold exactly what the API asks for.");
             } else {
@@ -275,9 +316,12 @@ async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> 
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("use kubeconfig {}", path.display()))?
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("use kubeconfig {}", path.display()))?
         }
         None => kube::Config::infer()
             .await

@@ -252,6 +252,9 @@ mod tests {
             state_dir: dir.path().into(),
             cgroup_root: None,
             cni_conf_dir: dir.path().into(),
+            bpffs_dir: dir.path().into(),
+            kubeconfig: None,
+            node_name: None,
         };
         let error = flags.containerd().await.unwrap_err().to_string();
         assert_eq!(

@@ -14,8 +14,8 @@ use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 use skiff_ebpf::lb::{
     AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key,
-    Lb4ReverseNat, Lb4Service, LbBackendStats, NAMES_MAP, REVERSE_SK_MAP, REVNAT_MAP,
-    SERVICES_MAP, SOCK_PROGRAMS,
+    Lb4ReverseNat, Lb4Service, LbBackendStats, NAMES_MAP, REVERSE_SK_MAP, REVNAT_MAP, SERVICES_MAP,
+    SOCK_PROGRAMS,
 };
 use skiff_ebpf::sys::{self, SockAddrAttachType};
 
@@ -110,7 +110,10 @@ fn is_bpffs(dir: &Path) -> Result<bool, LbError> {
         path: dir.to_owned(),
         source: errno.into(),
     })?;
-    #[allow(clippy::useless_conversion, reason = "the field's type differs between libcs")]
+    #[allow(
+        clippy::useless_conversion,
+        reason = "the field's type differs between libcs"
+    )]
     let magic = i64::from(stat.filesystem_type().0);
     Ok(magic == BPF_FS_MAGIC)
 }
@@ -188,13 +191,15 @@ impl Datapath {
             })?;
             let pin = links_dir.join(name);
             match sys::obj_get(&pin) {
-                Ok(link) => sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|source| {
-                    LbError::Io {
-                        call: "BPF_LINK_UPDATE",
-                        path: pin.clone(),
-                        source,
-                    }
-                })?,
+                Ok(link) => {
+                    sys::link_update(link.as_fd(), program_fd.as_fd()).map_err(|source| {
+                        LbError::Io {
+                            call: "BPF_LINK_UPDATE",
+                            path: pin.clone(),
+                            source,
+                        }
+                    })?
+                }
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                     let link =
                         sys::cgroup_link_create(program_fd.as_fd(), cgroup.as_fd(), attach_type)
@@ -318,9 +323,9 @@ const ATTACH_TYPES: [SockAddrAttachType; 4] = [
 ];
 
 fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr, LbError> {
-    let program = ebpf.program_mut(name).ok_or_else(|| LbError::Exhausted(format!(
-        "program {name} missing from the socket object"
-    )))?;
+    let program = ebpf.program_mut(name).ok_or_else(|| {
+        LbError::Exhausted(format!("program {name} missing from the socket object"))
+    })?;
     program.try_into().map_err(|source| LbError::Program {
         what: format!("{name} as a cgroup socket-address program"),
         source: Box::new(source),
@@ -329,9 +334,8 @@ fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSock
 
 fn take_maps(ebpf: &mut Ebpf, bpffs_dir: &Path, configured: &MapSizes) -> Result<Maps, LbError> {
     let mut take = |name: &'static str| -> Result<Map, LbError> {
-        ebpf.take_map(name).ok_or_else(|| LbError::Exhausted(format!(
-            "map {name} missing from the socket object"
-        )))
+        ebpf.take_map(name)
+            .ok_or_else(|| LbError::Exhausted(format!("map {name} missing from the socket object")))
     };
     let services: HashMap<MapData, Lb4Key, Lb4Service> = typed(SERVICES_MAP, take(SERVICES_MAP)?)?;
     let backends: HashMap<MapData, u32, Lb4Backend> = typed(BACKENDS_MAP, take(BACKENDS_MAP)?)?;

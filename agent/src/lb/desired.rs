@@ -362,7 +362,7 @@ fn port_candidates(
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             // The API says an unset serving condition defers to ready.
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name);
             let addresses = endpoint
@@ -1148,6 +1148,20 @@ mod tests {
                 backend("10.0.3.9", 8080, false),
             ]
         );
+    }
+
+    #[test]
+    fn copies_that_disagree_about_the_node_count_as_local() {
+        let service = service(http_spec());
+        let slices = [
+            http_slice("web-1", json!([ready("10.0.1.5", NODE)])),
+            http_slice("web-2", json!([ready("10.0.1.5", "node-b")])),
+        ];
+
+        for order in [[&slices[0], &slices[1]], [&slices[1], &slices[0]]] {
+            let frontends = service_frontends(&service, &order, &node());
+            assert_eq!(frontends[0].backends, vec![backend("10.0.1.5", 8080, true)]);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use skiff_ebpf::lb::{
-    BACKEND_STATS_MAP, BACKEND_LOCAL, BACKEND_TERMINATING, BACKENDS_MAP, IPPROTO_TCP, IPPROTO_UDP,
+    BACKEND_LOCAL, BACKEND_STATS_MAP, BACKEND_TERMINATING, BACKENDS_MAP, IPPROTO_TCP, IPPROTO_UDP,
     Lb4Backend, Lb4FrontendName, Lb4Key, Lb4Service, LbBackendStats, NAMES_MAP, SCOPE_EXTERNAL,
     SERVICES_MAP, SVC_AFFINITY, SVC_LOCAL,
 };
@@ -94,17 +94,25 @@ fn read_error(map: &'static str, source: aya::maps::MapError) -> LbError {
 /// Reads every frontend with its backends and counters from the pins under `bpffs_dir`.
 pub fn read(bpffs_dir: &Path) -> Result<Snapshot, LbError> {
     let services_data = open(bpffs_dir, SERVICES_MAP)?;
-    let services_max = services_data.info().map(|info| info.max_entries()).unwrap_or(0);
+    let services_max = services_data
+        .info()
+        .map(|info| info.max_entries())
+        .unwrap_or(0);
     let backends_data = open(bpffs_dir, BACKENDS_MAP)?;
-    let backends_max = backends_data.info().map(|info| info.max_entries()).unwrap_or(0);
+    let backends_max = backends_data
+        .info()
+        .map(|info| info.max_entries())
+        .unwrap_or(0);
     let services: BpfHashMap<MapData, Lb4Key, Lb4Service> =
         typed(SERVICES_MAP, Map::HashMap(services_data))?;
     let backends: BpfHashMap<MapData, u32, Lb4Backend> =
         typed(BACKENDS_MAP, Map::HashMap(backends_data))?;
     let names: BpfHashMap<MapData, u16, Lb4FrontendName> =
         typed(NAMES_MAP, Map::HashMap(open(bpffs_dir, NAMES_MAP)?))?;
-    let stats: PerCpuArray<MapData, LbBackendStats> =
-        typed(BACKEND_STATS_MAP, Map::PerCpuArray(open(bpffs_dir, BACKEND_STATS_MAP)?))?;
+    let stats: PerCpuArray<MapData, LbBackendStats> = typed(
+        BACKEND_STATS_MAP,
+        Map::PerCpuArray(open(bpffs_dir, BACKEND_STATS_MAP)?),
+    )?;
 
     let mut entries = Vec::new();
     let mut slots = HashMap::new();
@@ -140,9 +148,14 @@ pub fn read(bpffs_dir: &Path) -> Result<Snapshot, LbError> {
                 IPPROTO_UDP => "UDP",
                 _ => "?",
             },
-            scope: if key.scope == SCOPE_EXTERNAL { "external" } else { "internal" },
+            scope: if key.scope == SCOPE_EXTERNAL {
+                "external"
+            } else {
+                "internal"
+            },
             rev_nat_index: entry.rev_nat_index,
-            affinity_timeout_seconds: (entry.flags & SVC_AFFINITY != 0).then_some(entry.affinity_timeout),
+            affinity_timeout_seconds: (entry.flags & SVC_AFFINITY != 0)
+                .then_some(entry.affinity_timeout),
             local_only: entry.flags & SVC_LOCAL != 0,
             backends: Vec::with_capacity(usize::from(entry.count)),
         };
@@ -152,7 +165,10 @@ pub fn read(bpffs_dir: &Path) -> Result<Snapshot, LbError> {
                 continue;
             };
             let Some(backend) = backend_values.get(&id) else {
-                problems.push(format!("{}: slot {slot} names backend {id}, which is missing", view.endpoint()));
+                problems.push(format!(
+                    "{}: slot {slot} names backend {id}, which is missing",
+                    view.endpoint()
+                ));
                 continue;
             };
             let connections = stats
@@ -172,8 +188,22 @@ pub fn read(bpffs_dir: &Path) -> Result<Snapshot, LbError> {
         frontends.push(view);
     }
     frontends.sort_by(|a, b| {
-        (&a.namespace, &a.service, a.address, a.port, a.protocol, a.scope)
-            .cmp(&(&b.namespace, &b.service, b.address, b.port, b.protocol, b.scope))
+        (
+            &a.namespace,
+            &a.service,
+            a.address,
+            a.port,
+            a.protocol,
+            a.scope,
+        )
+            .cmp(&(
+                &b.namespace,
+                &b.service,
+                b.address,
+                b.port,
+                b.protocol,
+                b.scope,
+            ))
     });
     Ok(Snapshot {
         services_map: Usage {
@@ -253,7 +283,10 @@ pub fn compare(desired: &[super::desired::Frontend], actual: &[FrontendView]) ->
                 .iter()
                 .find(|held| (held.address, held.port) == (backend.address, backend.port))
             {
-                None => note(format!("backend {}:{} missing from the maps", backend.address, backend.port)),
+                None => note(format!(
+                    "backend {}:{} missing from the maps",
+                    backend.address, backend.port
+                )),
                 Some(held) if held.terminating != backend.terminating => note(format!(
                     "backend {}:{} terminating: API {}, maps {}",
                     backend.address, backend.port, backend.terminating, held.terminating
@@ -267,7 +300,10 @@ pub fn compare(desired: &[super::desired::Frontend], actual: &[FrontendView]) ->
                 .iter()
                 .any(|backend| (backend.address, backend.port) == (held.address, held.port))
             {
-                note(format!("backend {}:{} in the maps but not in the API", held.address, held.port));
+                note(format!(
+                    "backend {}:{} in the maps but not in the API",
+                    held.address, held.port
+                ));
             }
         }
     }
@@ -285,7 +321,9 @@ pub fn compare(desired: &[super::desired::Frontend], actual: &[FrontendView]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::desired::{Backend, Frontend, FrontendKey, FrontendKind, Proto, Scope, ServicePortRef};
+    use crate::lb::desired::{
+        Backend, Frontend, FrontendKey, FrontendKind, Proto, Scope, ServicePortRef,
+    };
 
     fn desired(backends: &[(u8, bool)]) -> Frontend {
         Frontend {
@@ -362,7 +400,11 @@ mod tests {
                 "backend 10.244.0.2:8080 in the maps but not in the API",
             ]
         );
-        assert!(differences.iter().all(|d| d.frontend == "10.96.0.1:80/TCP internal"));
+        assert!(
+            differences
+                .iter()
+                .all(|d| d.frontend == "10.96.0.1:80/TCP internal")
+        );
         let missing = compare(&[desired(&[])], &[]);
         assert_eq!(missing[0].what, "missing from the maps");
         let extra = compare(&[], &[held(&[1])]);

@@ -17,8 +17,9 @@ use std::collections::{HashMap, HashSet};
 
 use aya::maps::{MapError, PerCpuValues};
 use skiff_ebpf::lb::{
-    BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key, Lb4ReverseNat, Lb4Service, LbBackendStats,
-    NAMES_MAP, REVNAT_MAP, SERVICES_MAP, SVC_AFFINITY, SVC_EXTERNAL_IP, SVC_LOCAL, SVC_NODEPORT,
+    BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key, Lb4ReverseNat,
+    Lb4Service, LbBackendStats, NAMES_MAP, REVNAT_MAP, SERVICES_MAP, SVC_AFFINITY, SVC_EXTERNAL_IP,
+    SVC_LOCAL, SVC_NODEPORT,
 };
 
 use super::LbError;
@@ -119,7 +120,10 @@ impl Ids {
 
     /// After adoption: every id below `next` that is not used is free.
     fn collect_free(&mut self) {
-        self.free = (1..self.next).rev().filter(|id| !self.used.contains(id)).collect();
+        self.free = (1..self.next)
+            .rev()
+            .filter(|id| !self.used.contains(id))
+            .collect();
     }
 }
 
@@ -286,7 +290,10 @@ impl Programmer {
         }
         let mut first_error = None;
         for frontend in frontends {
-            let owner = (frontend.service.namespace.clone(), frontend.service.name.clone());
+            let owner = (
+                frontend.service.namespace.clone(),
+                frontend.service.name.clone(),
+            );
             let key = frontend.key;
             match self.upsert(&frontend) {
                 Ok(changed) => {
@@ -378,7 +385,13 @@ impl Programmer {
             return self.create(frontend, entry_flags, affinity_timeout, name);
         }
         let mut programmed = self.frontends.remove(&frontend.key).expect("checked above");
-        let result = self.update(&mut programmed, frontend, entry_flags, affinity_timeout, name);
+        let result = self.update(
+            &mut programmed,
+            frontend,
+            entry_flags,
+            affinity_timeout,
+            name,
+        );
         self.frontends.insert(frontend.key, programmed);
         result
     }
@@ -408,13 +421,20 @@ impl Programmer {
         let mut holes = Vec::new();
         let mut kept = HashSet::new();
         for (index, slot) in programmed.slots.iter_mut().enumerate() {
-            let wanted = slot
-                .backend
-                .and_then(|backend| desired.get(&(backend.address, backend.port)).map(|value| (backend, value)));
+            let wanted = slot.backend.and_then(|backend| {
+                desired
+                    .get(&(backend.address, backend.port))
+                    .map(|value| (backend, value))
+            });
             match wanted {
                 Some((current, value)) if kept.insert((value.address, value.port)) => {
                     if current != *value {
-                        insert(&mut self.maps.backends, BACKENDS_MAP, &slot.backend_id, value)?;
+                        insert(
+                            &mut self.maps.backends,
+                            BACKENDS_MAP,
+                            &slot.backend_id,
+                            value,
+                        )?;
                         slot.backend = Some(*value);
                         stats.map_writes += 1;
                     }
@@ -520,7 +540,11 @@ impl Programmer {
         }
         // 5. Only now unreachable: the cut slots and the removed backends.
         for slot in programmed.slots.len()..old_count {
-            remove(&mut self.maps.services, SERVICES_MAP, &base_key.with_slot(slot_number(slot)))?;
+            remove(
+                &mut self.maps.services,
+                SERVICES_MAP,
+                &base_key.with_slot(slot_number(slot)),
+            )?;
             stats.map_writes += 1;
         }
         for backend_id in removed_ids {
@@ -530,7 +554,12 @@ impl Programmer {
         }
         if programmed.name != name {
             let index = programmed.rev_nat_index;
-            insert(&mut self.maps.names, NAMES_MAP, &index, &Lb4FrontendName::new(&name))?;
+            insert(
+                &mut self.maps.names,
+                NAMES_MAP,
+                &index,
+                &Lb4FrontendName::new(&name),
+            )?;
             stats.map_writes += 1;
             programmed.owner = owner_of(&name);
             programmed.name = name;
@@ -568,8 +597,13 @@ impl Programmer {
                 &Lb4ReverseNat::new(frontend.key.address, frontend.key.port),
             )
             .map_err(|error| full(error, &name))?;
-            insert(&mut self.maps.names, NAMES_MAP, &rev_nat_index, &Lb4FrontendName::new(&name))
-                .map_err(|error| full(error, &name))?;
+            insert(
+                &mut self.maps.names,
+                NAMES_MAP,
+                &rev_nat_index,
+                &Lb4FrontendName::new(&name),
+            )
+            .map_err(|error| full(error, &name))?;
             stats.map_writes += 2;
             for backend in &frontend.backends {
                 let value = backend_value(backend, proto);
@@ -613,7 +647,10 @@ impl Programmer {
         if let Err(error) = result {
             // Nothing half-done: undo what this frontend wrote.
             for (index, slot) in slots.iter().enumerate() {
-                let _ = self.maps.services.remove(&base_key.with_slot(slot_number(index)));
+                let _ = self
+                    .maps
+                    .services
+                    .remove(&base_key.with_slot(slot_number(index)));
                 let _ = self.free_backend(slot.backend_id);
             }
             let _ = self.maps.revnat.remove(&rev_nat_index);
@@ -641,12 +678,15 @@ impl Programmer {
         name: &str,
         stats: &mut ApplyStats,
     ) -> Result<u32, LbError> {
-        let backend_id = self.backend_ids.allocate().ok_or_else(|| LbError::MapFull {
-            map: BACKENDS_MAP,
-            max_entries: self.maps.sizes.backends,
-            frontend: name.to_owned(),
-            flag: "backends",
-        })?;
+        let backend_id = self
+            .backend_ids
+            .allocate()
+            .ok_or_else(|| LbError::MapFull {
+                map: BACKENDS_MAP,
+                max_entries: self.maps.sizes.backends,
+                frontend: name.to_owned(),
+                flag: "backends",
+            })?;
         // Free ids have zeroed counters (see `free_backend`), so a new backend starts at 0.
         let written = insert(&mut self.maps.backends, BACKENDS_MAP, &backend_id, value)
             .map_err(|error| full(error, name));
@@ -694,7 +734,11 @@ impl Programmer {
         // The service entry first: from here on no connection picks this frontend.
         remove(&mut self.maps.services, SERVICES_MAP, &base_key)?;
         for (index, slot) in programmed.slots.iter().enumerate() {
-            remove(&mut self.maps.services, SERVICES_MAP, &base_key.with_slot(slot_number(index)))?;
+            remove(
+                &mut self.maps.services,
+                SERVICES_MAP,
+                &base_key.with_slot(slot_number(index)),
+            )?;
             if slot.backend.is_some() {
                 self.free_backend(slot.backend_id)?;
                 stats.backends_removed += 1;
@@ -702,7 +746,8 @@ impl Programmer {
         }
         remove(&mut self.maps.revnat, REVNAT_MAP, &programmed.rev_nat_index)?;
         remove(&mut self.maps.names, NAMES_MAP, &programmed.rev_nat_index)?;
-        self.rev_nat_ids.release(u32::from(programmed.rev_nat_index));
+        self.rev_nat_ids
+            .release(u32::from(programmed.rev_nat_index));
         stats.map_writes += 3 + 3 * programmed.slots.len();
         Ok(stats)
     }
@@ -714,7 +759,13 @@ fn slot_number(index: usize) -> u16 {
 }
 
 fn map_key(key: &FrontendKey, slot: u16) -> Lb4Key {
-    Lb4Key::new(key.address, key.port, key.proto.number(), key.scope.number(), slot)
+    Lb4Key::new(
+        key.address,
+        key.port,
+        key.proto.number(),
+        key.scope.number(),
+        slot,
+    )
 }
 
 fn frontend_key_of(key: &Lb4Key) -> Option<FrontendKey> {
@@ -770,7 +821,10 @@ pub fn name_of(frontend: &Frontend) -> String {
     if service.port_name.is_empty() {
         format!("{}/{} {kind}", service.namespace, service.name)
     } else {
-        format!("{}/{}:{} {kind}", service.namespace, service.name, service.port_name)
+        format!(
+            "{}/{}:{} {kind}",
+            service.namespace, service.name, service.port_name
+        )
     }
 }
 
@@ -806,7 +860,11 @@ fn full(error: LbError, frontend: &str) -> LbError {
             map,
             max_entries: 0,
             frontend: frontend.to_owned(),
-            flag: if map == BACKENDS_MAP { "backends" } else { "services" },
+            flag: if map == BACKENDS_MAP {
+                "backends"
+            } else {
+                "services"
+            },
         },
         other => other,
     }
@@ -855,7 +913,10 @@ mod tests {
     #[test]
     fn ids_reuse_released_ones_and_stop_at_the_limit() {
         let mut ids = Ids::new(4);
-        assert_eq!((ids.allocate(), ids.allocate(), ids.allocate()), (Some(1), Some(2), Some(3)));
+        assert_eq!(
+            (ids.allocate(), ids.allocate(), ids.allocate()),
+            (Some(1), Some(2), Some(3))
+        );
         assert_eq!(ids.allocate(), None);
         ids.release(2);
         assert_eq!(ids.allocate(), Some(2));
@@ -871,7 +932,13 @@ mod tests {
 
     #[test]
     fn names_carry_the_owner() {
-        assert_eq!(owner_of("default/web:http ClusterIP"), ("default".into(), "web".into()));
-        assert_eq!(owner_of("kube-system/dns NodePort"), ("kube-system".into(), "dns".into()));
+        assert_eq!(
+            owner_of("default/web:http ClusterIP"),
+            ("default".into(), "web".into())
+        );
+        assert_eq!(
+            owner_of("kube-system/dns NodePort"),
+            ("kube-system".into(), "dns".into())
+        );
     }
 }

@@ -21,6 +21,10 @@ use super::programmer::{Programmer, ServiceName};
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// One watch event from either stream.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "each event is moved once, from its watcher into the loop"
+)]
 pub enum Change {
     Service(watcher::Result<Event<Service>>),
     Slice(watcher::Result<Event<EndpointSlice>>),
@@ -58,15 +62,24 @@ impl Cache {
     fn insert_slice(&mut self, slice: EndpointSlice) -> Option<ServiceName> {
         let namespace = slice.namespace().unwrap_or_default();
         let slice_name = slice.name_any();
-        let service = (namespace.clone(), desired::slice_service_name(&slice)?.to_owned());
-        self.slice_owner.insert((namespace, slice_name.clone()), service.clone());
-        self.slices.entry(service.clone()).or_default().insert(slice_name, slice);
+        let service = (
+            namespace.clone(),
+            desired::slice_service_name(&slice)?.to_owned(),
+        );
+        self.slice_owner
+            .insert((namespace, slice_name.clone()), service.clone());
+        self.slices
+            .entry(service.clone())
+            .or_default()
+            .insert(slice_name, slice);
         Some(service)
     }
 
     /// Forgets a slice; the Service it belonged to, if any.
     fn remove_slice(&mut self, namespace: &str, slice_name: &str) -> Option<ServiceName> {
-        let service = self.slice_owner.remove(&(namespace.to_owned(), slice_name.to_owned()))?;
+        let service = self
+            .slice_owner
+            .remove(&(namespace.to_owned(), slice_name.to_owned()))?;
         if let Some(slices) = self.slices.get_mut(&service) {
             slices.remove(slice_name);
             if slices.is_empty() {

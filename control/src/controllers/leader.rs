@@ -19,6 +19,26 @@ use kube::api::{Api, PostParams};
 
 use super::runtime::is_not_found;
 
+/// The process's stop request, shared by every election in it: set by [`request_stop`]
+/// (on SIGTERM), after which leaders release their Leases and every election returns.
+fn stop_channel() -> &'static tokio::sync::watch::Sender<bool> {
+    static STOP: std::sync::OnceLock<tokio::sync::watch::Sender<bool>> = std::sync::OnceLock::new();
+    STOP.get_or_init(|| tokio::sync::watch::channel(false).0)
+}
+
+/// Asks every election of this process to stop: a leader stops its task and releases its
+/// Lease (holder cleared, duration 1 s, as client-go's ReleaseOnCancel does), so a standby
+/// takes over at its next retry instead of waiting out the Lease.
+pub fn request_stop() {
+    stop_channel().send_replace(true);
+}
+
+async fn stopped() {
+    let mut receiver = stop_channel().subscribe();
+    // The sender lives in a static, so `wait_for` only ends when the value turns true.
+    let _ = receiver.wait_for(|stop| *stop).await;
+}
+
 #[derive(Clone, Debug)]
 pub struct LeaderElectionConfig {
     pub namespace: String,
@@ -166,11 +186,36 @@ impl Elector {
             Err(error) => Err(error).context(format!("update lease {name}")),
         }
     }
+
+    /// Gives the Lease up if we hold it, so that a standby need not wait for it to expire.
+    async fn release(&mut self) -> anyhow::Result<()> {
+        let name = self.config.lease_name.clone();
+        let mut lease = self
+            .api
+            .get(&name)
+            .await
+            .context(format!("get lease {name}"))?;
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        lease.spec = Some(spec);
+        self.api
+            .replace(&name, &PostParams::default(), &lease)
+            .await
+            .context(format!("release lease {name}"))?;
+        tracing::info!(identity = %self.config.identity, lease = %name, "released the lease");
+        Ok(())
+    }
 }
 
 /// Runs `task` only while holding the Lease, as many times as leadership is won, until the
-/// task itself returns. Losing the Lease drops the running task (and so cancels it); the
-/// caller's task must not leave spawned work behind that outlives its future.
+/// task itself returns or the process asks to stop ([`request_stop`]: the task is dropped
+/// and the Lease released). Losing the Lease drops the running task (and so cancels it);
+/// the caller's task must not leave spawned work behind that outlives its future.
 pub async fn run_while_leader<F, Fut>(
     client: Client,
     config: LeaderElectionConfig,
@@ -196,7 +241,10 @@ where
                     "leader election attempt failed"
                 ),
             }
-            tokio::time::sleep(elector.config.retry_period).await;
+            tokio::select! {
+                () = tokio::time::sleep(elector.config.retry_period) => {}
+                () = stopped() => return Ok(()),
+            }
         }
         tracing::info!(identity = %elector.config.identity, lease = %elector.config.lease_name, "leading");
         let renewing = async {
@@ -219,6 +267,12 @@ where
             result = task() => return result,
             reason = renewing => {
                 tracing::warn!(%reason, "lost leadership: stopping");
+            }
+            () = stopped() => {
+                if let Err(error) = elector.release().await {
+                    tracing::warn!(error = format!("{error:#}"), "lease not released; it expires");
+                }
+                return Ok(());
             }
         }
     }

@@ -86,7 +86,9 @@ fn main() -> anyhow::Result<()> {
                         reader.read_line(&mut reply).map(|_| reply)
                     });
                 match result {
-                    Ok(reply) if !reply.is_empty() => writeln!(out, "peer={peer} reply={}", reply.trim())?,
+                    Ok(reply) if !reply.is_empty() => {
+                        writeln!(out, "peer={peer} reply={}", reply.trim())?
+                    }
                     Ok(_) => writeln!(out, "error=closed")?,
                     Err(error) => writeln!(out, "error={error}")?,
                 }
@@ -121,5 +123,8 @@ fn udp_exchange(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
     socket.send_to(b"hello\n", to)?;
     let mut buffer = [0; 256];
     let (length, from) = socket.recv_from(&mut buffer)?;
-    Ok((from, String::from_utf8_lossy(&buffer[..length]).into_owned()))
+    Ok((
+        from,
+        String::from_utf8_lossy(&buffer[..length]).into_owned(),
+    ))
 }
