@@ -139,6 +139,19 @@ impl DaemonSetController {
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let deleting = ds.metadata.deletion_timestamp.is_some();
 
+        // Creations still unseen are judged before the pods are read: judged after, a cache
+        // that caught up in between would drop a creation from both, and it would be made
+        // twice.
+        let pending = {
+            let mut all = self.pending_creations.lock().expect("pending lock");
+            let entry = all.entry(key.to_string()).or_default();
+            entry.retain(|_, (pod_name, since)| {
+                self.pods.get(Some(namespace), pod_name).is_none()
+                    && since.elapsed() < CREATION_VISIBILITY_TIMEOUT
+            });
+            entry.clone()
+        };
+
         // Owned pods by node, adopting matching orphans.
         let mut by_node: BTreeMap<String, Vec<Arc<Pod>>> = BTreeMap::new();
         let mut terminating_on = std::collections::HashSet::new();
@@ -193,15 +206,6 @@ impl DaemonSetController {
         let min_ready_seconds = spec.min_ready_seconds.unwrap_or(0);
         let now = jiff::Timestamp::now();
         let mut requeue: Option<Duration> = None;
-        let pending = {
-            let mut all = self.pending_creations.lock().expect("pending lock");
-            let entry = all.entry(key.to_string()).or_default();
-            entry.retain(|_, (pod_name, since)| {
-                self.pods.get(Some(namespace), pod_name).is_none()
-                    && since.elapsed() < CREATION_VISIBILITY_TIMEOUT
-            });
-            entry.clone()
-        };
         for node in &nodes {
             let node_name = node.name_any();
             let should_run = should_run_on(&spec.template.spec, node);

@@ -27,8 +27,9 @@ use super::runtime::{
 /// At most this many pods are created or deleted in one pass, as upstream's burstReplicas.
 pub const BURST_REPLICAS: usize = 500;
 
-/// How long an unobserved creation or deletion is waited for before counting again anyway.
-const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an unobserved creation or deletion is waited for before counting again anyway
+/// (upstream's ExpectationsTimeout, 5 minutes).
+const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What one ReplicaSet is waiting to see in the pod cache.
 #[derive(Default)]
@@ -137,6 +138,11 @@ impl ReplicaSetController {
             .map(|s| s.selector.clone())
             .unwrap_or_default();
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        // Expectations are judged before the pods are counted: judged after, a cache that
+        // caught up in between would satisfy them while the count still missed the pods
+        // just created, and the ReplicaSet would create them again.
+        let may_manage =
+            rs.metadata.deletion_timestamp.is_none() && self.expectations_satisfied(key, namespace);
 
         // Claim: owned pods that still match, plus orphans that match (adopted).
         let mut owned = Vec::new();
@@ -171,10 +177,7 @@ impl ReplicaSetController {
             .unwrap_or(1)
             .max(0) as usize;
         let mut manage_error = None;
-        if rs.metadata.deletion_timestamp.is_none()
-            && self.expectations_satisfied(key, namespace)
-            && let Err(error) = self.manage_replicas(key, &rs, &owned, desired).await
-        {
+        if may_manage && let Err(error) = self.manage_replicas(key, &rs, &owned, desired).await {
             manage_error = Some(error);
         }
 
