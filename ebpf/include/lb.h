@@ -151,6 +151,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb4_reverse_sk SEC(".maps");
 
+/*
+ * The backend an unconnected UDP socket's datagrams to a frontend go to, so that a flow
+ * stays on one backend as it would under kube-proxy's conntrack. Keyed like
+ * lb4_reverse_sk, but by the frontend.
+ */
+struct lb4_sk_backend {
+	__u32 backend_id; /* key into lb4_backends */
+	__be32 address; /* the backend's IPv4 when chosen: a reused id shows as a mismatch */
+	__be16 port; /* the backend's port when chosen, network order */
+	__u16 pad; /* zero */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_reverse_sk_key);
+	__type(value, struct lb4_sk_backend);
+	__uint(max_entries, LB_MAX_REVERSE_SK);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb4_sk_fwd SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct lb_affinity_key);

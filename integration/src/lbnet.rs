@@ -275,7 +275,8 @@ fn parse_exchange(line: &str) -> Exchange {
     }
 }
 
-/// A client holding one TCP connection open, sending a request per [`HeldConnection::ask`].
+/// A client holding one TCP connection (or with `udp-hold`, one UDP socket) open, sending a
+/// request per [`HeldConnection::ask`].
 pub struct HeldConnection {
     child: std::process::Child,
     reader: BufReader<std::process::ChildStdout>,
@@ -284,12 +285,16 @@ pub struct HeldConnection {
 
 impl HeldConnection {
     pub fn open(cgroup: &Path, netns: &Path, to: SocketAddr) -> Self {
+        Self::open_mode(cgroup, netns, to, "hold")
+    }
+
+    pub fn open_mode(cgroup: &Path, netns: &Path, to: SocketAddr, mode: &str) -> Self {
         let mut child = Command::new(crate::binary("lb-client"))
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--netns")
             .arg(netns)
-            .args(["--to", &to.to_string(), "hold"])
+            .args(["--to", &to.to_string(), mode])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -470,3 +470,56 @@ fn any_sequence_of_changes_leaves_the_maps_equal_to_the_desired_state() {
         );
     }
 }
+
+#[test]
+fn an_unconnected_udp_socket_keeps_its_flow_on_one_backend_until_it_goes() {
+    let mut setup = Setup::new(3);
+    let service = SocketAddr::from((SERVICE_IP, 53));
+    setup
+        .programmer
+        .apply_all(vec![frontend(
+            SERVICE_IP,
+            53,
+            Proto::Udp,
+            "dns",
+            &[1, 2, 3],
+        )])
+        .expect("program the service");
+    let flow = spread(&setup.client(service, "udp-flow", 50), service);
+    assert_eq!(
+        flow.len(),
+        1,
+        "one socket's datagrams must stay on one backend: {flow:?}"
+    );
+    // New sockets still spread.
+    let spread_out = spread(&setup.client(service, "udp", 300), service);
+    assert_eq!(spread_out.len(), 3, "{spread_out:?}");
+    // A flow whose backend leaves the service moves to one that stays, and stays there.
+    let mut socket = HeldConnection::open_mode(
+        &setup.cgroup.path,
+        &setup.topology.client_netns(),
+        service,
+        "udp-hold",
+    );
+    let first = backend_of(&socket.ask()).to_owned();
+    let others: Vec<u8> = (1..=3u8)
+        .filter(|index| format!("b{index}") != first)
+        .collect();
+    setup
+        .programmer
+        .apply_service(
+            "default",
+            "dns",
+            vec![frontend(SERVICE_IP, 53, Proto::Udp, "dns", &others)],
+        )
+        .expect("remove the flow's backend");
+    let moved = backend_of(&socket.ask()).to_owned();
+    assert_ne!(moved, first, "datagrams still reach the removed backend");
+    for _ in 0..10 {
+        assert_eq!(
+            backend_of(&socket.ask()),
+            moved,
+            "the moved flow must stay on its new backend"
+        );
+    }
+}

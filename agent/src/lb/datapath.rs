@@ -15,7 +15,7 @@ use aya::{Ebpf, EbpfLoader};
 use skiff_ebpf::lb::{
     AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key,
     Lb4ReverseNat, Lb4Service, LbBackendStats, NAMES_MAP, REVERSE_SK_MAP, REVNAT_MAP, SERVICES_MAP,
-    SOCK_PROGRAMS,
+    SK_FORWARD_MAP, SOCK_PROGRAMS,
 };
 use skiff_ebpf::sys::{self, SockAddrAttachType};
 
@@ -32,7 +32,8 @@ pub struct MapSizes {
     pub services: u32,
     /// Backends, one per (frontend, endpoint); also the size of the per-backend counters.
     pub backends: u32,
-    /// Translated sockets remembered for recvmsg/getpeername (LRU).
+    /// Translated sockets remembered for recvmsg/getpeername, and unconnected UDP flows
+    /// kept on their backend (two LRU maps of this size).
     pub reverse_sk: u32,
     /// ClientIP affinity entries (LRU).
     pub affinity: u32,
@@ -137,6 +138,7 @@ impl Datapath {
             .set_max_entries(BACKENDS_MAP, sizes.backends)
             .set_max_entries(BACKEND_STATS_MAP, sizes.backends)
             .set_max_entries(REVERSE_SK_MAP, sizes.reverse_sk)
+            .set_max_entries(SK_FORWARD_MAP, sizes.reverse_sk)
             .set_max_entries(AFFINITY_MAP, sizes.affinity)
             .load(skiff_ebpf::SOCK_OBJECT)
             .map_err(|source| LbError::Load {
@@ -305,7 +307,7 @@ pub fn remove_pins(bpffs_dir: &Path) -> Result<(), LbError> {
 }
 
 /// Every map the socket object pins.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REVNAT_MAP,
@@ -313,6 +315,7 @@ pub const MAP_NAMES: [&str; 7] = [
     AFFINITY_MAP,
     BACKEND_STATS_MAP,
     NAMES_MAP,
+    SK_FORWARD_MAP,
 ];
 
 const ATTACH_TYPES: [SockAddrAttachType; 4] = [

@@ -6,6 +6,7 @@
  * application the frontend it asked for.
  */
 #include <linux/in.h>
+#include <stdbool.h>
 #include <bpf/bpf_endian.h>
 
 #include "lb.h"
@@ -14,10 +15,32 @@
 #define SYS_REJECT 0
 
 /*
- * Translates ctx's destination when it is a frontend. Returns SYS_REJECT for a frontend
- * without backends (kube-proxy rejects those too), SYS_PROCEED otherwise.
+ * The backend this socket's earlier datagrams to the frontend went to, if it still serves
+ * the frontend (its id still names the same address and port).
  */
-static __always_inline int sock4_translate(struct bpf_sock_addr *ctx)
+static __always_inline const struct lb4_backend *
+sock4_sticky_backend(const struct lb4_reverse_sk_key *flow, __u32 *backend_id_out)
+{
+	struct lb4_sk_backend *sticky = bpf_map_lookup_elem(&lb4_sk_fwd, flow);
+	const struct lb4_backend *backend;
+	__u32 backend_id;
+
+	if (!sticky)
+		return NULL;
+	backend_id = sticky->backend_id;
+	backend = bpf_map_lookup_elem(&lb4_backends, &backend_id);
+	if (!backend || backend->address != sticky->address || backend->port != sticky->port)
+		return NULL;
+	*backend_id_out = backend_id;
+	return backend;
+}
+
+/*
+ * Translates ctx's destination when it is a frontend. Returns SYS_REJECT for a frontend
+ * without backends (kube-proxy rejects those too), SYS_PROCEED otherwise. Unconnected UDP
+ * (`datagram`) keeps each socket's flow to a frontend on one backend.
+ */
+static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, bool datagram)
 {
 	struct lb4_key key = {
 		.address = ctx->user_ip4,
@@ -36,7 +59,32 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx)
 	svc = bpf_map_lookup_elem(&lb4_services, &key);
 	if (!svc)
 		return SYS_PROCEED;
-	backend = lb4_select_backend(&key, svc, bpf_get_netns_cookie(ctx), &backend_id);
+	if (datagram) {
+		struct lb4_reverse_sk_key flow = {
+			.cookie = bpf_get_socket_cookie(ctx),
+			.address = key.address,
+			.port = key.dport,
+		};
+
+		backend = sock4_sticky_backend(&flow, &backend_id);
+		if (backend) {
+			ctx->user_ip4 = backend->address;
+			ctx->user_port = backend->port;
+			return SYS_PROCEED;
+		}
+		backend = lb4_select_backend(&key, svc, bpf_get_netns_cookie(ctx), &backend_id);
+		if (backend) {
+			struct lb4_sk_backend sticky = {
+				.backend_id = backend_id,
+				.address = backend->address,
+				.port = backend->port,
+			};
+
+			bpf_map_update_elem(&lb4_sk_fwd, &flow, &sticky, BPF_ANY);
+		}
+	} else {
+		backend = lb4_select_backend(&key, svc, bpf_get_netns_cookie(ctx), &backend_id);
+	}
 	if (!backend)
 		return SYS_REJECT;
 
@@ -76,13 +124,13 @@ static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int skiff_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_translate(ctx);
+	return sock4_translate(ctx, false);
 }
 
 SEC("cgroup/sendmsg4")
 int skiff_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_translate(ctx);
+	return sock4_translate(ctx, true);
 }
 
 SEC("cgroup/recvmsg4")

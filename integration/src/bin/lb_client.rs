@@ -5,7 +5,9 @@
 //!
 //! - `tcp --count N`: N new connections, one request each;
 //! - `udp --count N`: N datagrams, each from a new unconnected socket (`sendto`/`recvfrom`);
-//! - `hold`: one connection kept open; a request each time a line arrives on stdin.
+//! - `udp-flow --count N`: N datagrams from one unconnected socket;
+//! - `hold`: one connection kept open; a request each time a line arrives on stdin;
+//! - `udp-hold`: one unconnected UDP socket; a datagram each time a line arrives on stdin.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -39,7 +41,12 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         count: usize,
     },
+    UdpFlow {
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
     Hold,
+    UdpHold,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +74,24 @@ fn main() -> anyhow::Result<()> {
         Mode::Udp { count } => {
             for _ in 0..count {
                 writeln!(out, "{}", line(udp_exchange(args.to)))?;
+            }
+        }
+        Mode::UdpFlow { count } => {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            for _ in 0..count {
+                writeln!(out, "{}", line(udp_send_receive(&socket, args.to)))?;
+            }
+        }
+        Mode::UdpHold => {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            writeln!(out, "bound")?;
+            out.flush()?;
+            for request in std::io::stdin().lock().lines() {
+                request?;
+                writeln!(out, "{}", line(udp_send_receive(&socket, args.to)))?;
+                out.flush()?;
             }
         }
         Mode::Hold => {
@@ -120,6 +145,10 @@ fn tcp_exchange(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
 fn udp_exchange(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.set_read_timeout(Some(TIMEOUT))?;
+    udp_send_receive(&socket, to)
+}
+
+fn udp_send_receive(socket: &UdpSocket, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
     socket.send_to(b"hello\n", to)?;
     let mut buffer = [0; 256];
     let (length, from) = socket.recv_from(&mut buffer)?;
