@@ -3,7 +3,10 @@
 //!
 //! Addresses and ports are kept in network byte order exactly as the kernel sees them;
 //! the constructors and accessors take and give `Ipv4Addr` and host-order ports.
-#![allow(unsafe_code, reason = "aya::Pod is an unsafe trait; each impl says why it holds")]
+#![allow(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe trait; each impl says why it holds"
+)]
 
 use std::mem::{offset_of, size_of};
 use std::net::Ipv4Addr;
@@ -16,6 +19,7 @@ pub const REVERSE_SK_MAP: &str = "lb4_reverse_sk";
 pub const AFFINITY_MAP: &str = "lb_affinity";
 pub const BACKEND_STATS_MAP: &str = "lb_be_stats";
 pub const NAMES_MAP: &str = "lb4_names";
+pub const SK_FORWARD_MAP: &str = "lb4_sk_fwd";
 
 /// Program names in the socket object, in attach order.
 pub const SOCK_PROGRAMS: [&str; 4] = [
@@ -173,6 +177,16 @@ pub struct Lb4ReverseSkValue {
     pub rev_nat_index: u16,
 }
 
+/// `struct lb4_sk_backend`, keyed by [`Lb4ReverseSkKey`] with the frontend's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4SkBackend {
+    pub backend_id: u32,
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
 /// `struct lb_affinity_key`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,7 +226,11 @@ impl Lb4FrontendName {
     }
 
     pub fn as_str(&self) -> &str {
-        let end = self.name.iter().position(|&byte| byte == 0).unwrap_or(self.name.len());
+        let end = self
+            .name
+            .iter()
+            .position(|&byte| byte == 0)
+            .unwrap_or(self.name.len());
         std::str::from_utf8(&self.name[..end]).unwrap_or("<not utf-8>")
     }
 }
@@ -241,6 +259,8 @@ unsafe impl aya::Pod for Lb4ReverseSkValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbAffinityKey {}
 // SAFETY: as above.
+unsafe impl aya::Pod for Lb4SkBackend {}
+// SAFETY: as above.
 unsafe impl aya::Pod for LbAffinityValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LbBackendStats {}
@@ -260,6 +280,7 @@ assert_layout!(Lb4Backend, 8, address @ 0, port @ 4, proto @ 6, flags @ 7);
 assert_layout!(Lb4ReverseNat, 8, address @ 0, port @ 4, pad @ 6);
 assert_layout!(Lb4ReverseSkKey, 16, cookie @ 0, address @ 8, port @ 12, pad @ 14);
 assert_layout!(Lb4ReverseSkValue, 8, address @ 0, port @ 4, rev_nat_index @ 6);
+assert_layout!(Lb4SkBackend, 12, backend_id @ 0, address @ 4, port @ 8, pad @ 10);
 assert_layout!(LbAffinityKey, 16, client @ 0, rev_nat_index @ 8, scope @ 10, pad @ 11);
 assert_layout!(LbAffinityValue, 16, last_used_ns @ 0, backend_id @ 8, pad @ 12);
 assert_layout!(LbBackendStats, 8, connections @ 0);
@@ -367,7 +388,13 @@ mod tests {
 
     #[test]
     fn keys_keep_network_order() {
-        let key = Lb4Key::new(Ipv4Addr::new(10, 96, 0, 1), 443, IPPROTO_TCP, SCOPE_INTERNAL, 0);
+        let key = Lb4Key::new(
+            Ipv4Addr::new(10, 96, 0, 1),
+            443,
+            IPPROTO_TCP,
+            SCOPE_INTERNAL,
+            0,
+        );
         // The kernel compares bytes: the address and port must sit in memory big-endian.
         assert_eq!(key.address.to_ne_bytes(), [10, 96, 0, 1]);
         assert_eq!(key.dport.to_ne_bytes(), [1, 187]);
@@ -375,15 +402,27 @@ mod tests {
         assert_eq!(key.port(), 443);
         assert_eq!(key.with_slot(3).backend_slot, 3);
         let backend = Lb4Backend::new(Ipv4Addr::new(10, 244, 1, 7), 8080, IPPROTO_UDP, 0);
-        assert_eq!((backend.address(), backend.port()), (Ipv4Addr::new(10, 244, 1, 7), 8080));
+        assert_eq!(
+            (backend.address(), backend.port()),
+            (Ipv4Addr::new(10, 244, 1, 7), 8080)
+        );
     }
 
     #[test]
     fn the_socket_object_has_btf_maps_and_programs() {
         let object = aya_obj_names(SOCK_OBJECT_FOR_TEST);
-        for name in [SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, REVERSE_SK_MAP, AFFINITY_MAP, BACKEND_STATS_MAP, NAMES_MAP]
-            .into_iter()
-            .chain(SOCK_PROGRAMS)
+        for name in [
+            SERVICES_MAP,
+            BACKENDS_MAP,
+            REVNAT_MAP,
+            REVERSE_SK_MAP,
+            AFFINITY_MAP,
+            BACKEND_STATS_MAP,
+            NAMES_MAP,
+            SK_FORWARD_MAP,
+        ]
+        .into_iter()
+        .chain(SOCK_PROGRAMS)
         {
             assert!(object.contains(name), "{name} missing from sock.o");
         }
