@@ -64,5 +64,5 @@ pub enum LbError {
         flag: &'static str,
     },
     #[error("{0}")]
-    Exhausted(String),
+    Datapath(String),
 }

@@ -325,6 +325,24 @@ fn a_new_agent_adopts_the_pinned_maps_and_traffic_never_stops() {
         .expect("run bpftool");
     let listing = String::from_utf8_lossy(&attached.stdout);
     assert_eq!(listing.matches("skiff_connect4").count(), 1, "{listing}");
+
+    // `agentctl lb reset`: the pins go, the hooks detach, the service no longer resolves.
+    drop(programmer);
+    skiff_agent::lb::datapath::remove_pins(bpffs.path()).expect("remove the pins");
+    // `maps.debug` and `progs.debug` are the kernel's own (bpf_preload), in every bpffs.
+    let remaining: Vec<_> = std::fs::read_dir(bpffs.path())
+        .expect("read bpffs")
+        .flatten()
+        .filter(|entry| !entry.file_name().to_string_lossy().ends_with(".debug"))
+        .collect();
+    assert!(remaining.is_empty(), "pins left: {remaining:?}");
+    let attached = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup.path)
+        .output()
+        .expect("run bpftool");
+    let listing = String::from_utf8_lossy(&attached.stdout);
+    assert!(!listing.contains("skiff_"), "{listing}");
     drop(topology);
 }
 

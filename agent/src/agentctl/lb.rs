@@ -22,6 +22,69 @@ pub enum LbCommand {
     List,
     /// The frontends of one Service (`NAMESPACE/NAME`).
     Get { service: String },
+    /// Removes every pinned map and link: the socket hooks detach and Services stop
+    /// resolving on this node until the agent starts again with empty maps (to resize the
+    /// maps, or after a downgrade changed their layout).
+    Reset,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtCommand {
+    /// Connections to NodePorts and external IPs from outside the node, as the tc programs
+    /// track them: client, frontend, backend, source translation, idle time.
+    List,
+}
+
+pub fn connections(flags: &NodeFlags, format: Format, command: CtCommand) -> anyhow::Result<()> {
+    let CtCommand::List = command;
+    let connections = inspect::read_connections(&flags.bpffs_dir)
+        .with_context(|| {
+            format!(
+                "read the conntrack map pinned under {}",
+                flags.bpffs_dir.display()
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "no conntrack map under {}: the NodePort programs are not loaded on this node",
+                flags.bpffs_dir.display()
+            )
+        })?;
+    match format {
+        Format::Json => print_json(&connections),
+        Format::Table => {
+            let mut table = Table::new(&[
+                "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "SERVICE", "STATE", "IDLE",
+            ]);
+            for connection in &connections {
+                table.row(vec![
+                    connection.protocol.into(),
+                    connection.client.to_string(),
+                    connection.frontend.to_string(),
+                    connection.backend.to_string(),
+                    connection
+                        .snat
+                        .map_or_else(|| "-".into(), |snat| snat.to_string()),
+                    connection
+                        .service
+                        .split(' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    if connection.closing {
+                        "closing"
+                    } else {
+                        "open"
+                    }
+                    .into(),
+                    format!("{}s", connection.idle_seconds),
+                ]);
+            }
+            print!("{}", table.render(""));
+            println!("\n{} connections", connections.len());
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,8 +113,18 @@ fn split_service(text: &str) -> anyhow::Result<(&str, &str)> {
 }
 
 pub fn run(flags: &NodeFlags, format: Format, command: LbCommand) -> anyhow::Result<()> {
+    if let LbCommand::Reset = command {
+        crate::lb::datapath::remove_pins(&flags.bpffs_dir)
+            .with_context(|| format!("remove the pins under {}", flags.bpffs_dir.display()))?;
+        println!(
+            "removed the load balancer's maps and links under {}",
+            flags.bpffs_dir.display()
+        );
+        return Ok(());
+    }
     let snapshot = snapshot(flags)?;
     match command {
+        LbCommand::Reset => unreachable!("handled above"),
         LbCommand::List => {
             for problem in &snapshot.problems {
                 eprintln!("agentctl: warning: {problem}");

@@ -8,7 +8,7 @@
 //!
 //! **Architecture invariant:** `agentctl` never talks to the agent, and only `explain`
 //! talks to the API server (to set what the API asks beside what the node holds). Apart
-//! from `image import` and `image rm` it changes nothing on the node: no cgroup is created,
+//! from `image import`, `image rm` and `lb reset` it changes nothing on the node: no cgroup is created,
 //! no container label written, no CNI plugin run, no BPF map written.
 
 mod images;
@@ -59,6 +59,9 @@ enum Command {
     /// The service load balancer's frontends and backends, from the pinned BPF maps.
     #[command(subcommand)]
     Lb(lb::LbCommand),
+    /// Connection tracking of the NodePort datapath, from the pinned `ct4` map.
+    #[command(subcommand)]
+    Ct(lb::CtCommand),
     /// Explains an object's datapath state against the API.
     #[command(subcommand)]
     Explain(lb::ExplainCommand),
@@ -94,6 +97,7 @@ pub fn main() -> ExitCode {
             Command::Image(command) => images::run(&cli.node, cli.output, command).await,
             Command::Pods => pods::run(&cli.node, cli.output).await,
             Command::Lb(command) => lb::run(&cli.node, cli.output, command),
+            Command::Ct(command) => lb::connections(&cli.node, cli.output, command),
             Command::Explain(command) => lb::explain(&cli.node, cli.output, command).await,
         }
     });

@@ -130,6 +130,7 @@ impl Datapath {
                 source: std::io::Error::other("not a bpffs mount (see --bpffs-dir)"),
             });
         }
+        check_pinned_layouts(bpffs_dir)?;
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(bpffs_dir)
             .set_max_entries(SERVICES_MAP, sizes.services)
@@ -246,6 +247,65 @@ impl Datapath {
     }
 }
 
+/// Key and value sizes of the pinned maps, as this build lays them out.
+fn expected_layouts() -> [(&'static str, usize, usize); 8] {
+    use skiff_ebpf::lb::{
+        Lb4ReverseSkKey, Lb4ReverseSkValue, Lb4SkBackend, LbAffinityKey, LbAffinityValue,
+    };
+    use std::mem::size_of;
+    [
+        (SERVICES_MAP, size_of::<Lb4Key>(), size_of::<Lb4Service>()),
+        (BACKENDS_MAP, size_of::<u32>(), size_of::<Lb4Backend>()),
+        (REVNAT_MAP, size_of::<u16>(), size_of::<Lb4ReverseNat>()),
+        (NAMES_MAP, size_of::<u16>(), size_of::<Lb4FrontendName>()),
+        (
+            REVERSE_SK_MAP,
+            size_of::<Lb4ReverseSkKey>(),
+            size_of::<Lb4ReverseSkValue>(),
+        ),
+        (
+            SK_FORWARD_MAP,
+            size_of::<Lb4ReverseSkKey>(),
+            size_of::<Lb4SkBackend>(),
+        ),
+        (
+            AFFINITY_MAP,
+            size_of::<LbAffinityKey>(),
+            size_of::<LbAffinityValue>(),
+        ),
+        (
+            BACKEND_STATS_MAP,
+            size_of::<u32>(),
+            size_of::<LbBackendStats>(),
+        ),
+    ]
+}
+
+/// Refuses pins left by a build with other map layouts: reusing them would make the
+/// programs read garbage. (aya reuses a pin by name without comparing.)
+fn check_pinned_layouts(bpffs_dir: &Path) -> Result<(), LbError> {
+    for (name, key_size, value_size) in expected_layouts() {
+        let path = bpffs_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| LbError::Map {
+            map: name,
+            operation: "inspect pin",
+            source: Box::new(source),
+        })?;
+        let pinned = (info.key_size() as usize, info.value_size() as usize);
+        if pinned != (key_size, value_size) {
+            return Err(LbError::Datapath(format!(
+                "map {name} pinned at {} has key/value sizes {pinned:?}, this agent needs ({key_size}, {value_size}): \
+                 remove the pins (agentctl lb reset) to start over",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Where the links for every attach point are pinned.
 pub fn links_dir(bpffs_dir: &Path) -> PathBuf {
     bpffs_dir.join("links")
@@ -327,7 +387,7 @@ const ATTACH_TYPES: [SockAddrAttachType; 4] = [
 
 fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr, LbError> {
     let program = ebpf.program_mut(name).ok_or_else(|| {
-        LbError::Exhausted(format!("program {name} missing from the socket object"))
+        LbError::Datapath(format!("program {name} missing from the socket object"))
     })?;
     program.try_into().map_err(|source| LbError::Program {
         what: format!("{name} as a cgroup socket-address program"),
@@ -338,7 +398,7 @@ fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSock
 fn take_maps(ebpf: &mut Ebpf, bpffs_dir: &Path, configured: &MapSizes) -> Result<Maps, LbError> {
     let mut take = |name: &'static str| -> Result<Map, LbError> {
         ebpf.take_map(name)
-            .ok_or_else(|| LbError::Exhausted(format!("map {name} missing from the socket object")))
+            .ok_or_else(|| LbError::Datapath(format!("map {name} missing from the socket object")))
     };
     let services: HashMap<MapData, Lb4Key, Lb4Service> = typed(SERVICES_MAP, take(SERVICES_MAP)?)?;
     let backends: HashMap<MapData, u32, Lb4Backend> = typed(BACKENDS_MAP, take(BACKENDS_MAP)?)?;

@@ -411,3 +411,64 @@ mod tests {
         assert_eq!(extra[0].what, "in the maps but not asked for by the API");
     }
 }
+
+/// One connection tracked by the tc programs (NodePort and external IPs from outside).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionView {
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    pub client: std::net::SocketAddrV4,
+    pub frontend: std::net::SocketAddrV4,
+    pub backend: std::net::SocketAddrV4,
+    /// The node address and port the client was translated to (policy Cluster with a
+    /// backend on another node).
+    pub snat: Option<std::net::SocketAddrV4>,
+    /// `namespace/name[:port] Kind` of the frontend.
+    pub service: String,
+    pub closing: bool,
+    /// Seconds since the flow's last packet (kept to a second's precision by the program).
+    pub idle_seconds: u64,
+}
+
+/// The tracked connections, one per flow (the original direction's entry), or `None` when
+/// no `ct4` map is pinned (the tc programs were never loaded on this node).
+pub fn read_connections(bpffs_dir: &Path) -> Result<Option<Vec<ConnectionView>>, LbError> {
+    use skiff_ebpf::lb::{CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_SNAT, CT_MAP, Ct4Key, Ct4Value};
+    if !bpffs_dir.join(CT_MAP).exists() {
+        return Ok(None);
+    }
+    let ct: BpfHashMap<MapData, Ct4Key, Ct4Value> =
+        typed(CT_MAP, Map::LruHashMap(open(bpffs_dir, CT_MAP)?))?;
+    let names: BpfHashMap<MapData, u16, Lb4FrontendName> =
+        typed(NAMES_MAP, Map::HashMap(open(bpffs_dir, NAMES_MAP)?))?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+        .unwrap_or(0);
+    let socket = |(address, port): (Ipv4Addr, u16)| std::net::SocketAddrV4::new(address, port);
+    let mut connections = Vec::new();
+    for item in ct.iter() {
+        let (key, value) = item.map_err(|source| read_error(CT_MAP, source))?;
+        if key.dir != CT_DIR_ORIGINAL {
+            continue;
+        }
+        connections.push(ConnectionView {
+            protocol: match key.proto {
+                IPPROTO_TCP => "TCP",
+                IPPROTO_UDP => "UDP",
+                _ => "?",
+            },
+            client: socket(key.source()),
+            frontend: socket(key.destination()),
+            backend: socket(value.destination()),
+            snat: (value.flags & CT_F_SNAT != 0).then(|| socket(value.source())),
+            service: names
+                .get(&value.rev_nat_index, 0)
+                .map(|name| name.as_str().to_owned())
+                .unwrap_or_default(),
+            closing: value.flags & CT_F_CLOSING != 0,
+            idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
+        });
+    }
+    connections.sort_by_key(|connection| (connection.frontend, connection.client));
+    Ok(Some(connections))
+}

@@ -142,7 +142,7 @@ impl Programmer {
     pub fn new(mut datapath: Datapath) -> Result<Self, LbError> {
         let maps = datapath
             .take_maps()
-            .ok_or_else(|| LbError::Exhausted("the datapath's maps were already taken".into()))?;
+            .ok_or_else(|| LbError::Datapath("the datapath's maps were already taken".into()))?;
         Self::adopt(maps)
     }
 
@@ -526,7 +526,7 @@ impl Programmer {
         let entry = Lb4Service {
             backend_id: 0,
             count: u16::try_from(programmed.slots.len()).map_err(|_| {
-                LbError::Exhausted(format!("{name}: more than {} backends", u16::MAX))
+                LbError::Datapath(format!("{name}: more than {} backends", u16::MAX))
             })?,
             rev_nat_index: programmed.rev_nat_index,
             affinity_timeout,
@@ -585,7 +585,7 @@ impl Programmer {
             .rev_nat_ids
             .allocate()
             .and_then(|id| u16::try_from(id).ok())
-            .ok_or_else(|| LbError::Exhausted(format!("{name}: all 65535 frontend ids in use")))?;
+            .ok_or_else(|| LbError::Datapath(format!("{name}: all 65535 frontend ids in use")))?;
         let proto = frontend.key.proto.number();
         let base_key = map_key(&frontend.key, 0);
         let mut slots: Vec<Slot> = Vec::with_capacity(frontend.backends.len());
