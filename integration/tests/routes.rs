@@ -1,20 +1,33 @@
-//! Root test of the agent's host-gw routes (`skiff_agent::routes`): the reconciler runs in
+//! Root tests of the agent's host-gw routes (`skiff_agent::routes`): the reconciler runs in
 //! this process, fed by a real `skiff-control` through kube-rs, and writes routes into a
-//! network namespace the test makes (`ip netns add`) with a veth link holding
-//! 192.0.2.1/24. Nodes are created, changed and deleted with the real kubectl, and the
-//! routes are read back with `ip -n <ns> route`. The host's routes are never touched; the
-//! [`Netns`] guard deletes the namespace (and its link and routes) on drop, failed
-//! assertion or not.
+//! network namespace the test makes (`ip netns add`). Nodes are created, changed and
+//! deleted with the real kubectl, and the routes are read back with `ip -n <ns> route`.
+//!
+//! The first test has one namespace with a veth link holding 192.0.2.1/24. The second
+//! builds two "nodes" (namespaces on a bridge in a third, "lan" namespace), attaches a pod
+//! to each with the real `skiff-cni`, runs one reconciler per node and sends TCP between
+//! the pods and the nodes through the routes the reconcilers made.
+//!
+//! The host's interfaces and routes are never touched; the [`Netns`] guard deletes each
+//! namespace (and its links, bridges and routes) on drop, failed assertion or not, and
+//! IPAM data lives in temp dirs.
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
+use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::{self, Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use integration::ControlPlane;
-use serde_json::Value;
+use nix::sched::CloneFlags;
+use serde_json::{Value, json};
 use skiff_agent::routes::{ROUTE_PROTOCOL, Routes, RoutesConfig};
 
 fn require_root() {
@@ -44,18 +57,26 @@ fn run(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A network namespace of the test's own, `ip netns add`ed, with `veth0` up holding
-/// 192.0.2.1/24; deleted on drop.
+/// A network namespace of the test's own, `ip netns add`ed with a random name; deleted on
+/// drop.
 struct Netns {
     name: String,
 }
 
 impl Netns {
-    fn new() -> Netns {
+    /// A namespace named `skiff-routes-<role>-<random>`, with only `lo`, up.
+    fn empty(role: &str) -> Netns {
         let netns = Netns {
-            name: format!("skiff-routes-{:08x}", random_u32()),
+            name: format!("skiff-routes-{role}-{:08x}", random_u32()),
         };
         run(Command::new("ip").args(["netns", "add", &netns.name]));
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// A namespace with `veth0` up holding 192.0.2.1/24.
+    fn new() -> Netns {
+        let netns = Netns::empty("node");
         // The machine's kernel has no dummy links; a veth pair with both ends in the
         // namespace gives the same connected /24.
         netns.ip(&[
@@ -74,6 +95,31 @@ impl Netns {
     /// `ip -n <ns> <args>`.
     fn ip(&self, args: &[&str]) -> String {
         run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// The names of the namespace's links.
+    fn link_names(&self) -> BTreeSet<String> {
+        let text = self.ip(&["-j", "link", "show"]);
+        let links: Value = serde_json::from_str(&text).expect("ip -j prints JSON");
+        links
+            .as_array()
+            .expect("a list of links")
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The IPv4 forwarding switch of the namespace, read from inside it.
+    fn ipv4_forwarding(&self) -> String {
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ]))
+        .trim()
+        .to_owned()
     }
 
     /// Every IPv4 route of the main table but the link's own, as `dst via gw proto p`.
@@ -131,14 +177,16 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    fn start(plane: &ControlPlane, netns: &Netns) -> Reconciler {
+    /// The reconciler of the node `node_name`, writing routes into the network namespace at
+    /// `netns`.
+    fn start(plane: &ControlPlane, node_name: &str, netns: &Path) -> Reconciler {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("reconciler runtime");
         let kubeconfig = plane.kubeconfig.clone();
-        let path = netns.path();
+        let path = netns.to_path_buf();
         let (client, routes) = runtime.block_on(async move {
             let file = kube::config::Kubeconfig::read_from(&kubeconfig).expect("read kubeconfig");
             let config = kube::Config::from_custom_kubeconfig(
@@ -152,7 +200,7 @@ impl Reconciler {
             (client, routes)
         });
         let config = RoutesConfig {
-            node_name: "self-node".into(),
+            node_name: node_name.into(),
             own_pod_cidrs: Vec::new(),
             // Far away: every change below must be driven by the Node watch alone.
             resync: Duration::from_secs(600),
@@ -247,7 +295,7 @@ fn routes_follow_nodes_and_only_the_agents_own_are_touched() {
     }
     apply(&plane, &manifest);
 
-    let reconciler = Reconciler::start(&plane, &netns);
+    let reconciler = Reconciler::start(&plane, "self-node", &netns.path());
     netns.wait_routes(
         "first reconcile",
         &[
@@ -296,7 +344,7 @@ fn routes_follow_nodes_and_only_the_agents_own_are_touched() {
         "proto",
         &p.to_string(),
     ]);
-    let _reconciler = Reconciler::start(&plane, &netns);
+    let _reconciler = Reconciler::start(&plane, "self-node", &netns.path());
     netns.wait_routes(
         "after a restart",
         &[
@@ -305,4 +353,378 @@ fn routes_follow_nodes_and_only_the_agents_own_are_touched() {
             "198.51.100.0/24 via 192.0.2.254 proto boot",
         ],
     );
+}
+
+/// Runs `f` on a new thread that has entered the network namespace at `netns`, so the
+/// sockets it opens live there (a socket stays in the namespace it was created in). The
+/// test's own threads never change namespace.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("enter {}: {e}", netns.display()));
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// A TCP server for one connection, listening in a namespace: it answers its name and
+/// reports the client address it saw.
+struct Server {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: JoinHandle<Option<IpAddr>>,
+}
+
+impl Server {
+    fn start(netns: &Path, ip: IpAddr, name: &'static str) -> Server {
+        let listener = in_netns(netns, || TcpListener::bind((ip, 0)))
+            .unwrap_or_else(|e| panic!("listen on {ip} in {}: {e}", netns.display()));
+        let address = listener.local_addr().expect("listener address");
+        // Non-blocking, so that a server no client reaches can be stopped.
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let accepted = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !stopped.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        stream.set_nonblocking(false).ok()?;
+                        stream.write_all(name.as_bytes()).ok()?;
+                        return Some(peer.ip());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => return None,
+                }
+            }
+            None
+        });
+        Server {
+            address,
+            stop,
+            accepted,
+        }
+    }
+
+    /// Stops waiting and returns the client address of the connection served, if any.
+    fn finish(self) -> Option<IpAddr> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.accepted.join().expect("server thread")
+    }
+}
+
+/// Connects from the namespace at `netns` to `address` and reads the server's answer.
+fn ask(netns: &Path, address: SocketAddr) -> io::Result<String> {
+    in_netns(netns, || {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+}
+
+/// A client in `from` asks a server named `server_name` listening in `to` on `ip`; asserts
+/// the answer and returns the client address the server saw.
+fn exchange(what: &str, from: &Path, to: &Path, ip: IpAddr, server_name: &'static str) -> IpAddr {
+    let server = Server::start(to, ip, server_name);
+    let address = server.address;
+    let answer = ask(from, address);
+    let seen = server.finish();
+    let answer = answer.unwrap_or_else(|e| panic!("{what}: connect to {address}: {e}"));
+    assert_eq!(answer, server_name, "{what}: the answer from {address}");
+    seen.unwrap_or_else(|| panic!("{what}: the server on {address} saw no client"))
+}
+
+/// The network name of the pods' CNI configuration, also their IPAM directory's name.
+const POD_NETWORK: &str = "skiff-pods";
+
+/// A "node": a namespace with `eth0` on the lan bridge, a pod CIDR for skiff-cni and an
+/// IPAM data directory of its own.
+struct Node {
+    name: &'static str,
+    internal_ip: &'static str,
+    pod_cidr: &'static str,
+    netns: Netns,
+    ipam_data: tempfile::TempDir,
+}
+
+impl Node {
+    /// Joins the lan: a veth pair whose `eth0` end is in the node, holding `internal_ip`/24,
+    /// and whose other end (named after the node) is a port of `lan0`.
+    fn new(
+        lan: &Netns,
+        name: &'static str,
+        internal_ip: &'static str,
+        pod_cidr: &'static str,
+    ) -> Node {
+        let netns = Netns::empty(name);
+        lan.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ]);
+        lan.ip(&["link", "set", name, "master", "lan0", "up"]);
+        netns.ip(&["addr", "add", &format!("{internal_ip}/24"), "dev", "eth0"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        Node {
+            name,
+            internal_ip,
+            pod_cidr,
+            netns,
+            ipam_data: tempfile::Builder::new()
+                .prefix("skiff-routes-ipam-")
+                .tempdir()
+                .expect("IPAM temp dir"),
+        }
+    }
+
+    fn internal_ip(&self) -> IpAddr {
+        self.internal_ip.parse().expect("an IP address")
+    }
+
+    /// The bridge's address: the first of the pod CIDR, as host-local's gateway.
+    fn gateway(&self) -> IpAddr {
+        let network = self.pod_cidr.split('/').next().expect("a CIDR");
+        let network: std::net::Ipv4Addr = network.parse().expect("an IPv4 network");
+        IpAddr::V4((u32::from(network) + 1).into())
+    }
+
+    /// The node's pod network as a kubelet-style configuration would give it: a bridge
+    /// that is the pods' gateway and default route, no masquerade, host-local IPAM.
+    fn cni_config(&self) -> Value {
+        json!({
+            "cniVersion": "1.1.0",
+            "name": POD_NETWORK,
+            "type": "skiff-cni",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "subnet": self.pod_cidr,
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": self.ipam_data.path(),
+            },
+        })
+    }
+
+    /// Runs skiff-cni for one verb as a container runtime would, inside the node's
+    /// namespace (the plugin makes its bridge in the namespace it runs in). Returns the
+    /// plugin's JSON answer (null when it prints nothing).
+    fn cni(&self, command: &str, container_id: &str, pod: &Netns) -> Value {
+        let plugin = integration::binary("skiff-cni");
+        let plugin_dir = plugin.parent().expect("binary directory");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns.name])
+            .arg(&plugin)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", plugin_dir)
+            .env_remove("CNI_ARGS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ip netns exec skiff-cni");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(self.cni_config().to_string().as_bytes())
+            .expect("write the network configuration");
+        let out = child.wait_with_output().expect("wait for skiff-cni");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "skiff-cni {command} {container_id} on {}: {stdout} {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if stdout.trim().is_empty() {
+            return Value::Null;
+        }
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("skiff-cni {command} printed no JSON ({e}): {stdout}"))
+    }
+
+    /// Attaches a new pod with CNI ADD and returns it with the address the plugin gave it.
+    fn add_pod(&self, id: &'static str) -> Pod {
+        let netns = Netns::empty(id);
+        let result = self.cni("ADD", id, &netns);
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("ADD {id}: no address in {result}"));
+        let ip = address
+            .split('/')
+            .next()
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or_else(|| panic!("ADD {id}: bad address {address}"));
+        Pod { id, netns, ip }
+    }
+
+    /// The reservations left in the IPAM directory (everything but the lock and the
+    /// last-reserved hints, which host-local keeps too).
+    fn reservations(&self) -> Vec<String> {
+        let dir = self.ipam_data.path().join(POD_NETWORK);
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read IPAM directory {}: {e}", dir.display()));
+        let mut names: Vec<String> = entries
+            .map(|e| e.expect("IPAM directory entry").file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip."))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A pod: its network namespace (the runtime's sandbox) and the address skiff-cni gave it.
+struct Pod {
+    id: &'static str,
+    netns: Netns,
+    ip: IpAddr,
+}
+
+#[test]
+fn pods_reach_each_other_across_nodes_through_the_agents_host_gw_routes() {
+    require_root();
+    let p = ROUTE_PROTOCOL;
+    // The lan between the nodes: a bridge in a namespace of its own.
+    let lan = Netns::empty("lan");
+    lan.ip(&["link", "add", "lan0", "type", "bridge"]);
+    lan.ip(&["link", "set", "lan0", "up"]);
+    let node_a = Node::new(&lan, "node-a", "192.0.2.1", "10.88.1.0/24");
+    let node_b = Node::new(&lan, "node-b", "192.0.2.2", "10.88.2.0/24");
+    let pod_a = node_a.add_pod("pod-a");
+    let pod_b = node_b.add_pod("pod-b");
+    for node in [&node_a, &node_b] {
+        // A runtime never writes this sysctl: the plugin does, for a gateway bridge.
+        assert_eq!(
+            node.netns.ipv4_forwarding(),
+            "1",
+            "IPv4 forwarding in {} after ADD",
+            node.name
+        );
+    }
+
+    // Before any route between the nodes, the pods cannot reach each other.
+    let server = Server::start(&pod_b.netns.path(), pod_b.ip, "pod-b");
+    let early = ask(&pod_a.netns.path(), server.address);
+    assert_eq!(server.finish(), None, "pod-b was reached before any route");
+    assert!(
+        early.is_err(),
+        "pod-a reached pod-b before any route: {early:?}"
+    );
+
+    let plane = ControlPlane::start();
+    let mut manifest = String::new();
+    for each in [&node_a, &node_b] {
+        manifest.push_str("---\n");
+        manifest.push_str(&node(each.name, each.pod_cidr, each.internal_ip));
+    }
+    apply(&plane, &manifest);
+    let _reconcilers =
+        [&node_a, &node_b].map(|node| Reconciler::start(&plane, node.name, &node.netns.path()));
+    node_a.netns.wait_routes(
+        "node-a's routes",
+        &[&format!("10.88.2.0/24 via 192.0.2.2 proto {p}")],
+    );
+    node_b.netns.wait_routes(
+        "node-b's routes",
+        &[&format!("10.88.1.0/24 via 192.0.2.1 proto {p}")],
+    );
+
+    // Pod to pod across the nodes, both ways: no masquerade, each side sees the other
+    // pod's own address.
+    let seen = exchange(
+        "pod-a -> pod-b",
+        &pod_a.netns.path(),
+        &pod_b.netns.path(),
+        pod_b.ip,
+        "pod-b",
+    );
+    assert_eq!(seen, pod_a.ip, "pod-b's server saw pod-a as");
+    let seen = exchange(
+        "pod-b -> pod-a",
+        &pod_b.netns.path(),
+        &pod_a.netns.path(),
+        pod_a.ip,
+        "pod-a",
+    );
+    assert_eq!(seen, pod_b.ip, "pod-a's server saw pod-b as");
+
+    // Pod to its own node, on its lan address and on the bridge (the pods' gateway).
+    for (what, ip) in [
+        ("pod-a -> node-a's lan address", node_a.internal_ip()),
+        ("pod-a -> node-a's bridge", node_a.gateway()),
+    ] {
+        let seen = exchange(
+            what,
+            &pod_a.netns.path(),
+            &node_a.netns.path(),
+            ip,
+            "node-a",
+        );
+        assert_eq!(seen, pod_a.ip, "{what}: node-a's server saw pod-a as");
+    }
+
+    // Pod to the other node: node-b answers through its route back to node-a's pods.
+    let seen = exchange(
+        "pod-a -> node-b",
+        &pod_a.netns.path(),
+        &node_b.netns.path(),
+        node_b.internal_ip(),
+        "node-b",
+    );
+    assert_eq!(seen, pod_a.ip, "node-b's server saw pod-a as");
+
+    // The runtime tears the pods down: DEL frees every address and removes the links.
+    for (node, pod) in [(&node_a, &pod_a), (&node_b, &pod_b)] {
+        node.cni("DEL", pod.id, &pod.netns);
+        assert_eq!(
+            node.reservations(),
+            Vec::<String>::new(),
+            "IPAM reservations left on {} after DEL of {}",
+            node.name,
+            pod.id
+        );
+        assert_eq!(
+            pod.netns.link_names(),
+            BTreeSet::from(["lo".to_owned()]),
+            "links left in {} after DEL",
+            pod.id
+        );
+        let host_veths: Vec<String> = node
+            .netns
+            .link_names()
+            .into_iter()
+            .filter(|l| l.starts_with("veth"))
+            .collect();
+        assert_eq!(
+            host_veths,
+            Vec::<String>::new(),
+            "host veths left on {} after DEL of {}",
+            node.name,
+            pod.id
+        );
+    }
 }
