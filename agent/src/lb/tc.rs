@@ -4,7 +4,7 @@
 //! egress of the node's external interfaces, in any network namespace.
 //!
 //! The attachments are tcx links (kernel ≥ 6.6), pinned under
-//! `<bpffs_dir>/tc/<netns inode>/<interface>.<ingress|egress>`, so the datapath keeps
+//! `<bpffs_dir>/tc/<netns inode>/<ingress|egress>/<interface>`, so the datapath keeps
 //! working while the agent is down and a restarted agent swaps its new programs into the
 //! same links atomically (`BPF_LINK_UPDATE`). On older kernels aya falls back to netlink
 //! `cls_bpf` filters, which cannot be pinned: they stay on the interface after the agent
@@ -85,7 +85,7 @@ pub enum TcError {
     #[error("load tc.o with maps pinned under {}: {source}", bpffs_dir.display())]
     LoadObject {
         bpffs_dir: PathBuf,
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("program {program} missing from tc.o")]
     MissingProgram { program: &'static str },
@@ -192,7 +192,7 @@ impl TcDatapath {
                 .load(skiff_ebpf::TC_OBJECT)
                 .map_err(|source| TcError::LoadObject {
                     bpffs_dir: bpffs_dir.to_path_buf(),
-                    source,
+                    source: Box::new(source),
                 })?;
         for direction in Direction::BOTH {
             let program = classifier(&mut ebpf, direction.program())?;
@@ -220,15 +220,16 @@ impl TcDatapath {
         let ebpf = &mut self.ebpf;
         in_netns(netns, move || {
             let pin_dir = link_pin_dir(&bpffs_dir)?;
-            std::fs::create_dir_all(&pin_dir).map_err(|source| TcError::PinDir {
-                path: pin_dir.clone(),
-                source,
-            })?;
+            for direction in Direction::BOTH {
+                let dir = pin_dir.join(direction.as_str());
+                std::fs::create_dir_all(&dir)
+                    .map_err(|source| TcError::PinDir { path: dir, source })?;
+            }
             for interface in interfaces {
                 add_clsact(interface)?;
                 for direction in Direction::BOTH {
                     let program = classifier(ebpf, direction.program())?;
-                    let pin = pin_dir.join(link_pin_name(interface, direction));
+                    let pin = link_pin_path(&pin_dir, interface, direction);
                     attach_one(program, interface, direction, &pin)?;
                 }
             }
@@ -245,7 +246,7 @@ pub fn detach(bpffs_dir: &Path, netns: Option<&Path>, interfaces: &[&str]) -> Re
         let pin_dir = link_pin_dir(bpffs_dir)?;
         for interface in interfaces {
             for direction in Direction::BOTH {
-                let pin = pin_dir.join(link_pin_name(interface, direction));
+                let pin = link_pin_path(&pin_dir, interface, direction);
                 if pin.exists() {
                     // Unpinning drops the last reference to the link: the kernel detaches it.
                     let link = PinnedLink::from_pin(&pin).map_err(|source| TcError::OpenPin {
@@ -261,7 +262,10 @@ pub fn detach(bpffs_dir: &Path, netns: Option<&Path>, interfaces: &[&str]) -> Re
                 detach_netlink(interface, direction)?;
             }
         }
-        // The directory goes once its last link does; a failure only leaves it empty.
+        // The directories go once their last link does; a failure only leaves one empty.
+        for direction in Direction::BOTH {
+            let _ = std::fs::remove_dir(pin_dir.join(direction.as_str()));
+        }
         let _ = std::fs::remove_dir(&pin_dir);
         Ok(())
     })?
@@ -351,8 +355,12 @@ fn link_pin_dir(bpffs_dir: &Path) -> Result<PathBuf, TcError> {
     Ok(bpffs_dir.join("tc").join(netns.ino().to_string()))
 }
 
-fn link_pin_name(interface: &str, direction: Direction) -> String {
-    format!("{interface}.{direction}")
+/// bpffs refuses names with a dot, which interface names may have (`eth0.100`, a VLAN);
+/// they cannot have a colon, so a colon stands for the dot.
+fn link_pin_path(pin_dir: &Path, interface: &str, direction: Direction) -> PathBuf {
+    pin_dir
+        .join(direction.as_str())
+        .join(interface.replace('.', ":"))
 }
 
 /// Adds the clsact qdisc that netlink filters need (tcx links do not); one already there
@@ -460,8 +468,15 @@ mod tests {
 
     #[test]
     fn pins_are_named_by_interface_and_direction() {
-        assert_eq!(link_pin_name("eth0", Direction::Ingress), "eth0.ingress");
-        assert_eq!(link_pin_name("eth0", Direction::Egress), "eth0.egress");
+        let dir = Path::new("/bpf/tc/4026531840");
+        assert_eq!(
+            link_pin_path(dir, "eth0", Direction::Ingress),
+            Path::new("/bpf/tc/4026531840/ingress/eth0")
+        );
+        assert_eq!(
+            link_pin_path(dir, "eth0.100", Direction::Egress),
+            Path::new("/bpf/tc/4026531840/egress/eth0:100")
+        );
         assert_eq!(Direction::Ingress.program(), "skiff_tc_ingress");
     }
 
