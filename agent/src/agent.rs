@@ -60,6 +60,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let node_ip = node_ip(&config, &kube_config.cluster_url.to_string())?;
     let client = kube::Client::try_from(kube_config).context("build the API client")?;
     let machine = Machine::read(&config.state_dir)?;
+    let events = crate::events::EventRecorder::start(client.clone(), &node_name);
 
     let (exits_tx, mut runtime_exits) = mpsc::unbounded_channel::<String>();
     let runtime = Arc::new(
@@ -69,6 +70,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             client.clone(),
             node_ip.to_string(),
             exits_tx,
+            events.clone(),
         )
         .await
         .context("start the container runtime")?,
@@ -95,7 +97,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .lb_cgroup
             .clone()
             .unwrap_or_else(|| runtime.pods_cgroup_dir());
-        match start_service_lb(&config, &lb_cgroup) {
+        match start_service_lb(&config, &lb_cgroup, node_ip) {
             Ok(programmer) => {
                 let node = crate::lb::desired::NodeContext {
                     node_name: node_name.clone(),
@@ -177,6 +179,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .context("register the node")?;
     node::renew_lease(&client, &node_name).await?;
     tracing::info!(node = %node_name, ip = %node_ip, "node registered");
+    node::record_start(&events, runtime.unenforced_limits());
 
     let lease = tokio::spawn(node::keep_lease(
         client.clone(),
@@ -194,6 +197,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             node_state.clone(),
         )),
         host_ip: node_ip.to_string(),
+        events: events.clone(),
     });
     // Container exits wake the pod workers; the node state sees them first, for pods the
     // API no longer has (whose workers write no more status).
@@ -217,6 +221,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             interval: Duration::from_secs(config.eviction_interval_seconds.max(1)),
         },
         Arc::new(move |pod: &k8s_openapi::api::core::v1::Pod| usage_runtime.pod_memory(pod)),
+        events,
     ));
     let pods = manager::run(client.clone(), &node_name, shared, table.clone(), exits_rx);
 
@@ -272,6 +277,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 fn start_service_lb(
     config: &AgentConfig,
     lb_cgroup: &std::path::Path,
+    node_ip: IpAddr,
 ) -> anyhow::Result<crate::lb::programmer::Programmer> {
     use crate::lb::datapath::{self, Datapath, MapSizes};
     datapath::ensure_bpffs(&config.bpffs_dir)?;
@@ -283,8 +289,51 @@ fn start_service_lb(
     };
     let mut datapath = Datapath::load(&config.bpffs_dir, &sizes)?;
     datapath.attach_cgroup(lb_cgroup)?;
+    // NodePorts from outside: a failure here leaves the socket side serving.
+    match nodeport_interfaces(&config.nodeport_interfaces, node_ip) {
+        Ok(interfaces) if interfaces.is_empty() => {
+            tracing::info!("no interface for NodePorts from outside the node (--nodeport-interfaces)");
+        }
+        Ok(interfaces) => {
+            let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+            let attached = crate::lb::tc::TcDatapath::load(&config.bpffs_dir, config.lb_max_connections)
+                .and_then(|mut tc| tc.attach(None, &names));
+            match attached {
+                Ok(()) => tracing::info!(interfaces = ?names, "NodePort programs attached"),
+                Err(error) => tracing::error!(%error, "NodePort programs not attached; NodePorts answer only from this node"),
+            }
+        }
+        Err(error) => tracing::error!(error = format!("{error:#}"), "NodePort interfaces"),
+    }
     tracing::info!(bpffs = %config.bpffs_dir.display(), cgroup = %lb_cgroup.display(), "service load balancer attached");
     Ok(crate::lb::programmer::Programmer::new(datapath)?)
+}
+
+/// The interfaces `--nodeport-interfaces` names: `none`, a list, or `auto` (the
+/// non-loopback interface holding the node IP; none when the node IP is a loopback one).
+fn nodeport_interfaces(flag: &str, node_ip: IpAddr) -> anyhow::Result<Vec<String>> {
+    match flag {
+        "none" | "" => Ok(Vec::new()),
+        "auto" => {
+            if node_ip.is_loopback() {
+                return Ok(Vec::new());
+            }
+            let addresses = nix::ifaddrs::getifaddrs().context("list the node's interfaces")?;
+            let mut names: Vec<String> = addresses
+                .filter(|address| {
+                    address
+                        .address
+                        .as_ref()
+                        .and_then(|address| address.as_sockaddr_in())
+                        .is_some_and(|address| IpAddr::V4(address.ip()) == node_ip)
+                })
+                .map(|address| address.interface_name)
+                .collect();
+            names.dedup();
+            Ok(names)
+        }
+        list => Ok(list.split(',').map(|name| name.trim().to_owned()).filter(|name| !name.is_empty()).collect()),
+    }
 }
 
 async fn sigterm() {

@@ -128,6 +128,14 @@ pub struct AgentConfig {
     /// processes reach Services too.
     #[arg(long)]
     pub lb_cgroup: Option<PathBuf>,
+    /// Interfaces where NodePorts and external IPs are served to clients outside the node
+    /// (tc programs): a comma-separated list, `auto` for the non-loopback interface that
+    /// holds the node IP, or `none`.
+    #[arg(long, default_value = "auto")]
+    pub nodeport_interfaces: String,
+    /// Capacity of the NodePort connection tracking map (LRU, two entries per flow).
+    #[arg(long, default_value_t = skiff_ebpf::lb::CT_DEFAULT_MAX_ENTRIES)]
+    pub lb_max_connections: u32,
     /// Capacity of the frontend map: one entry per frontend plus one per backend slot.
     #[arg(long, default_value_t = 262_144)]
     pub lb_max_services: u32,

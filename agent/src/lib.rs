@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod cni;
 pub mod config;
 pub mod containerd;
+pub mod events;
 pub mod image;
 pub mod lb;
 pub mod logs;

@@ -14,7 +14,9 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
+use crate::cgroups::Unenforced;
 use crate::config::AgentConfig;
+use crate::events::{EventRecorder, EventType};
 use crate::quantity;
 
 /// The namespace node Leases live in.
@@ -463,6 +465,49 @@ fn keep_transition_times(status: &mut Value, current: &Node) {
     }
 }
 
+/// The reason of the Node's event naming the cgroup controllers it cannot enforce limits
+/// with.
+pub const CGROUP_CONTROLLERS_UNAVAILABLE: &str = "CgroupControllersUnavailable";
+
+/// Records the Node's events of an agent start: `Starting`, and a warning naming the
+/// cgroup controllers this machine does not give the agent (their limits go unenforced).
+pub fn record_start(events: &EventRecorder, unenforced: &[Unenforced]) {
+    events.node(EventType::Normal, "Starting", "Starting kubelet.");
+    if let Some(message) = unenforced_message(unenforced) {
+        events.node(EventType::Warning, CGROUP_CONTROLLERS_UNAVAILABLE, message);
+    }
+}
+
+/// "cgroup controllers not available on this node: cpu, pids; pod limits not enforced:
+/// cpu.weight, cpu.max, pids.max (<reason>; <reason>)", or `None` when every limit is
+/// enforced.
+pub fn unenforced_message(unenforced: &[Unenforced]) -> Option<String> {
+    let mut controllers: Vec<String> = Vec::new();
+    let mut settings: Vec<&str> = Vec::new();
+    let mut reasons: Vec<&str> = Vec::new();
+    for limit in unenforced {
+        let controller = limit.controller.to_string();
+        if !controllers.contains(&controller) {
+            controllers.push(controller);
+        }
+        if !settings.contains(&limit.setting) {
+            settings.push(limit.setting);
+        }
+        if !reasons.contains(&limit.reason.as_str()) {
+            reasons.push(&limit.reason);
+        }
+    }
+    (!controllers.is_empty()).then(|| {
+        format!(
+            "cgroup controllers not available on this node: {}; pod limits not enforced: {} \
+             ({})",
+            controllers.join(", "),
+            settings.join(", "),
+            reasons.join("; ")
+        )
+    })
+}
+
 /// Creates the node's Lease or renews it.
 pub async fn renew_lease(client: &kube::Client, name: &str) -> anyhow::Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
@@ -505,6 +550,51 @@ pub async fn keep_lease(client: kube::Client, name: String, period: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unenforced_event_names_controllers_settings_and_reasons() {
+        use crate::cgroups::Controller;
+        let limit = |controller: Controller, setting: &'static str| Unenforced {
+            controller,
+            setting,
+            value: None,
+            reason: format!(
+                "the {controller} controller is not available in the cgroup v2 hierarchy at /sys/fs/cgroup/unified"
+            ),
+        };
+        assert_eq!(unenforced_message(&[]), None);
+        let message = unenforced_message(&[
+            limit(Controller::Cpu, "cpu.weight"),
+            limit(Controller::Cpu, "cpu.max"),
+            limit(Controller::Pids, "pids.max"),
+        ])
+        .unwrap();
+        assert_eq!(
+            message,
+            "cgroup controllers not available on this node: cpu, pids; pod limits not \
+             enforced: cpu.weight, cpu.max, pids.max (the cpu controller is not available in \
+             the cgroup v2 hierarchy at /sys/fs/cgroup/unified; the pids controller is not \
+             available in the cgroup v2 hierarchy at /sys/fs/cgroup/unified)"
+        );
+        let (events, mut recorded) = EventRecorder::channel("node-1", 10);
+        record_start(&events, &[limit(Controller::Memory, "memory.max")]);
+        let starting = recorded.try_recv().unwrap();
+        assert_eq!(starting.reason.as_deref(), Some("Starting"));
+        assert_eq!(starting.message.as_deref(), Some("Starting kubelet."));
+        assert_eq!(starting.involved_object.kind.as_deref(), Some("Node"));
+        let warning = recorded.try_recv().unwrap();
+        assert_eq!(
+            warning.reason.as_deref(),
+            Some(CGROUP_CONTROLLERS_UNAVAILABLE)
+        );
+        assert_eq!(warning.type_.as_deref(), Some("Warning"));
+        assert!(
+            warning
+                .message
+                .unwrap()
+                .starts_with("cgroup controllers not available on this node: memory;")
+        );
+    }
 
     #[test]
     fn meminfo_fields_are_bytes() {

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::manager::PodTable;
 use crate::cgroups::{QosClass, pod_qos};
+use crate::events::{EventRecorder, EventType};
 use crate::node::{Signals, Thresholds};
 use crate::quantity;
 
@@ -67,12 +68,14 @@ pub struct EvictionConfig {
     pub interval: Duration,
 }
 
-/// Every `interval`, evicts the first pod in rank order while a threshold is crossed.
+/// Every `interval`, evicts the first pod in rank order while a threshold is crossed, and
+/// records an `Evicted` event for it.
 pub async fn run(
     client: kube::Client,
     table: PodTable,
     config: EvictionConfig,
     usage: MemoryUsage,
+    events: EventRecorder,
 ) {
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -125,11 +128,14 @@ pub async fn run(
             }],
         }});
         let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-        if let Err(error) = api
+        match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
             .await
         {
-            tracing::warn!(pod = %format!("{namespace}/{name}"), error = %error, "evict pod");
+            Ok(_) => events.pod(victim, EventType::Warning, "Evicted", message),
+            Err(error) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %error, "evict pod")
+            }
         }
     }
 }

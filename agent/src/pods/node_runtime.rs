@@ -35,7 +35,8 @@ use crate::cgroups::{CgroupConfig, CgroupManager, PodCgroup};
 use crate::cni::{self, Attachment, NetworkConfigList};
 use crate::config::AgentConfig;
 use crate::containerd::{self, Client, runtime_spec_any};
-use crate::image::{ImageService, PullPolicy, Reference, RegistryConfig};
+use crate::events::{EventRecorder, EventType};
+use crate::image::{ImageError, ImageInfo, ImageService, PullPolicy, Reference, RegistryConfig};
 use crate::logs;
 use crate::sandbox::{self, Namespace, files::DnsSettings, files::PodFiles};
 
@@ -58,6 +59,8 @@ pub struct NodeRuntime {
     /// containerd container ID → pod UID, to route exits to workers.
     owners: Arc<Mutex<HashMap<String, String>>>,
     allocatable: BTreeMap<String, String>,
+    /// Pulling, Pulled, Created, Started: what happens inside a container's start.
+    events: EventRecorder,
 }
 
 fn runtime_error(error: impl Into<anyhow::Error>) -> RuntimeError {
@@ -69,6 +72,32 @@ fn timestamp_from_proto(time: Option<&prost_types::Timestamp>) -> Option<Timesta
     Timestamp::new(time.seconds, time.nanos)
         .ok()
         .filter(|t| t.as_second() > 0)
+}
+
+/// A duration as Go prints one truncated to milliseconds (`523ms`, `2.538s`, `1m4.5s`), as
+/// the kubelet's pull events show it.
+fn go_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis == 0 {
+        return "0s".to_string();
+    }
+    if millis < 1000 {
+        return format!("{millis}ms");
+    }
+    let minutes = millis / 60_000;
+    let seconds = (millis % 60_000) / 1000;
+    let fraction = format!("{:03}", millis % 1000);
+    let fraction = fraction.trim_end_matches('0');
+    let seconds = if fraction.is_empty() {
+        format!("{seconds}s")
+    } else {
+        format!("{seconds}.{fraction}s")
+    };
+    if minutes > 0 {
+        format!("{minutes}m{seconds}")
+    } else {
+        seconds
+    }
 }
 
 fn container_of<'a>(pod: &'a Pod, kind: Kind, name: &str) -> Option<&'a Container> {
@@ -85,13 +114,15 @@ fn container_of<'a>(pod: &'a Pod, kind: Kind, name: &str) -> Option<&'a Containe
 
 impl NodeRuntime {
     /// Connects to containerd, opens the cgroup subtree, loads the CNI configuration and
-    /// starts routing container exits to `exits` (as pod UIDs).
+    /// starts routing container exits to `exits` (as pod UIDs). Containers' image pulls,
+    /// creations and starts are recorded in `events`.
     pub async fn start(
         config: &AgentConfig,
         node_name: &str,
         client: kube::Client,
         host_ip: String,
         exits: mpsc::UnboundedSender<String>,
+        events: EventRecorder,
     ) -> anyhow::Result<Self> {
         let containerd = Client::connect(&config.containerd_socket, &config.containerd_namespace)
             .await
@@ -143,6 +174,7 @@ impl NodeRuntime {
             host_ip,
             owners: Arc::default(),
             allocatable: BTreeMap::from([("cpu".to_string(), machine_cpus.to_string())]),
+            events,
         };
         runtime.follow_exits(exits);
         tracing::debug!(node = node_name, "container runtime ready");
@@ -175,6 +207,11 @@ impl NodeRuntime {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    /// Limits this node cannot enforce, with their controllers (for the Node's event).
+    pub fn unenforced_limits(&self) -> &[crate::cgroups::Unenforced] {
+        self.cgroups.unenforced()
     }
 
     /// Subscribes to task exits and wakes the owning pod's worker; resubscribes when
@@ -475,6 +512,74 @@ impl NodeRuntime {
         }
     }
 
+    /// Makes the container's image present as its pull policy says, recording the
+    /// kubelet's events: Pulled (already present), or Pulling then Pulled or Failed.
+    async fn ensure_image(
+        &self,
+        pod: &Pod,
+        kind: Kind,
+        container: &Container,
+        image_name: &str,
+        policy: PullPolicy,
+    ) -> Result<ImageInfo, ImageError> {
+        let record = |event_type, reason: &str, message: String| {
+            self.events
+                .container(pod, kind, &container.name, event_type, reason, message)
+        };
+        if policy != PullPolicy::Always
+            && let Some(image) = self.images.get(image_name).await?
+        {
+            record(
+                EventType::Normal,
+                "Pulled",
+                format!("Container image \"{image_name}\" already present on machine"),
+            );
+            return Ok(image);
+        }
+        if policy == PullPolicy::Never {
+            let error = ImageError::NeverPull {
+                reference: Reference::parse(image_name)?.to_string(),
+            };
+            record(
+                EventType::Warning,
+                "ErrImageNeverPull",
+                format!(
+                    "Container image \"{image_name}\" is not present with pull policy of Never"
+                ),
+            );
+            return Err(error);
+        }
+        record(
+            EventType::Normal,
+            "Pulling",
+            format!("Pulling image \"{image_name}\""),
+        );
+        let started = std::time::Instant::now();
+        match self.images.pull(image_name).await {
+            Ok(image) => {
+                let took = go_duration(started.elapsed());
+                record(
+                    EventType::Normal,
+                    "Pulled",
+                    format!(
+                        "Successfully pulled image \"{image_name}\" in {took} ({took} including \
+                         waiting). Image size: {} bytes.",
+                        image.size
+                    ),
+                );
+                Ok(image)
+            }
+            Err(error) => {
+                record(
+                    EventType::Warning,
+                    "Failed",
+                    format!("Failed to pull image \"{image_name}\": {error}"),
+                );
+                Err(error)
+            }
+        }
+    }
+
     fn pod_cgroup(pod: &Pod) -> Result<PodCgroup, StartError> {
         PodCgroup::of(pod).map_err(|e| StartError::new("CreateContainerConfigError", e.to_string()))
     }
@@ -496,8 +601,7 @@ impl NodeRuntime {
         let policy = PullPolicy::for_container(container.image_pull_policy.as_deref(), &reference)
             .map_err(|e| StartError::new("CreateContainerConfigError", e))?;
         let image = self
-            .images
-            .ensure(image_name, policy)
+            .ensure_image(pod, kind, container, image_name, policy)
             .await
             .map_err(|e| StartError::new(e.kubelet_reason(), e.to_string()))?;
 
@@ -677,6 +781,14 @@ impl NodeRuntime {
                 status.message().to_string(),
             ));
         }
+        self.events.container(
+            pod,
+            kind,
+            &container.name,
+            EventType::Normal,
+            "Created",
+            format!("Created container: {}", container.name),
+        );
         self.owners
             .lock()
             .expect("owners lock")
@@ -713,6 +825,14 @@ impl NodeRuntime {
         let now = Timestamp::now();
         match started {
             Ok(()) => {
+                self.events.container(
+                    pod,
+                    kind,
+                    &container.name,
+                    EventType::Normal,
+                    "Started",
+                    format!("Started container {}", container.name),
+                );
                 // The start time lives on the container so a restarted agent reports it.
                 if let Err(error) = self.set_labels(&id, &[(STARTED_AT, now.to_string())]).await {
                     tracing::warn!(container = %id, error = %error, "record start time");
@@ -1047,5 +1167,20 @@ impl PodRuntime for NodeRuntime {
             uids.insert(cgroup.uid().to_string());
         }
         Ok(uids.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_durations_print_as_go_prints_them() {
+        assert_eq!(go_duration(Duration::from_micros(900)), "0s");
+        assert_eq!(go_duration(Duration::from_micros(523_400)), "523ms");
+        assert_eq!(go_duration(Duration::from_millis(2538)), "2.538s");
+        assert_eq!(go_duration(Duration::from_millis(2500)), "2.5s");
+        assert_eq!(go_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(go_duration(Duration::from_millis(64_500)), "1m4.5s");
     }
 }

@@ -14,9 +14,10 @@ use tokio::sync::{Notify, watch};
 
 use super::model::{ContainerRecord, Kind, RunState, Waiting, latest};
 use super::plan::{Action, Backoffs, plan};
-use super::probe::{Prober, check_network};
-use super::runtime::{PodRuntime, SandboxInfo};
+use super::probe::{ProbeKind, Prober, check_network, resolve_port};
+use super::runtime::{PodRuntime, SandboxInfo, StartError};
 use super::status::{Observed, pod_status};
+use crate::events::{EventRecorder, EventType};
 
 /// How the worker talks back to the API server (a seam so the loop is testable).
 pub trait PodApi: Send + Sync + 'static {
@@ -35,6 +36,8 @@ pub struct WorkerShared<R, A> {
     pub runtime: Arc<R>,
     pub api: Arc<A>,
     pub host_ip: String,
+    /// Where the workers record what they do (Killing, BackOff, Unhealthy ...).
+    pub events: EventRecorder,
 }
 
 /// How long to wait before retrying after the machine failed under us.
@@ -72,6 +75,14 @@ struct State {
     start_failed: std::collections::BTreeSet<String>,
     /// Container instances being stopped in the background (liveness kills).
     stopping: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The sandbox failure last recorded as an event, so a failure retried every pass is
+    /// recorded once.
+    sandbox_failure: Option<String>,
+    /// The end of the crash-loop back-off last recorded as an event, per container: one
+    /// BackOff event per back-off, however often the worker wakes during it.
+    backoff_recorded: BTreeMap<String, Timestamp>,
+    /// The same for image pull back-offs.
+    pull_backoff_recorded: BTreeMap<String, Timestamp>,
 }
 
 /// Runs one pod until it is deleted and everything of it is gone.
@@ -154,6 +165,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
     let mut records = runtime.containers(uid).await?;
     if super::eviction::is_evicted(pod) {
         // Evicted: stop everything now and never restart; the status says why.
+        record_stopping(&shared.events, pod, &records);
         let stops = records
             .iter()
             .filter(|r| r.is_running())
@@ -174,9 +186,16 @@ async fn sync<R: PodRuntime, A: PodApi>(
 
     if state.sandbox.is_none() {
         match runtime.ensure_sandbox(pod).await {
-            Ok(sandbox) => state.sandbox = Some(sandbox),
+            Ok(sandbox) => {
+                state.sandbox = Some(sandbox);
+                state.sandbox_failure = None;
+            }
             Err(error) => {
                 tracing::warn!(pod = %uid, error = %error, "pod sandbox");
+                if state.sandbox_failure.as_ref() != Some(&error.message) {
+                    record_sandbox_failure(&shared.events, pod, &error);
+                    state.sandbox_failure = Some(error.message.clone());
+                }
                 report(shared, pod, &records, state, &Default::default()).await;
                 return Ok(Some(now + RETRY));
             }
@@ -192,6 +211,30 @@ async fn sync<R: PodRuntime, A: PodApi>(
     // Back-off waits replace older waiting reasons, except the error that made the
     // container fail to start (CreateContainerConfigError...), which stays the reason.
     for (name, waiting) in decision.waiting.drain(..) {
+        // A container that never ran (its config or image is wrong) backs off too, but
+        // its Failed events already say why; a crash back-off is an event of its own.
+        let never_ran = state.start_failed.contains(&name)
+            && state
+                .waiting
+                .get(&name)
+                .is_none_or(|w| w.reason != "RunContainerError");
+        if !never_ran
+            && let Some((until, _)) = state.backoffs.until(&name, now)
+            && state.backoff_recorded.get(&name) != Some(&until)
+        {
+            state.backoff_recorded.insert(name.clone(), until);
+            shared.events.container(
+                pod,
+                container_kind(pod, &name),
+                &name,
+                EventType::Warning,
+                "BackOff",
+                format!(
+                    "Back-off restarting failed container {name} in pod {}",
+                    pod_ref(pod)
+                ),
+            );
+        }
         if !state.start_failed.contains(&name) {
             state.waiting.insert(name, waiting);
         }
@@ -216,6 +259,14 @@ async fn sync<R: PodRuntime, A: PodApi>(
                     continue;
                 }
                 tracing::info!(pod = %uid, container = %name, "{reason}");
+                shared.events.container(
+                    pod,
+                    record.kind,
+                    &name,
+                    EventType::Normal,
+                    "Killing",
+                    reason,
+                );
                 let (shared, pod, wake, stopping) = (
                     shared.clone(),
                     pod.clone(),
@@ -237,6 +288,19 @@ async fn sync<R: PodRuntime, A: PodApi>(
             } => {
                 if let Some((until, delay)) = state.pull_backoffs.until(&name, now) {
                     let image = container_image(pod, kind, &name);
+                    if state.pull_backoff_recorded.get(&name) != Some(&until) {
+                        state.pull_backoff_recorded.insert(name.clone(), until);
+                        // The kubelet records a pull back-off as Normal: the Failed
+                        // events of the pull itself are the warnings.
+                        shared.events.container(
+                            pod,
+                            kind,
+                            &name,
+                            EventType::Normal,
+                            "BackOff",
+                            format!("Back-off pulling image \"{image}\""),
+                        );
+                    }
                     state.waiting.insert(
                         name.clone(),
                         Waiting {
@@ -261,13 +325,14 @@ async fn sync<R: PodRuntime, A: PodApi>(
     let results =
         futures::future::join_all(starts.iter().map(|(kind, name, attempt)| async move {
             (
+                *kind,
                 name,
                 *attempt,
                 runtime.start(pod, *kind, name, *attempt).await,
             )
         }))
         .await;
-    for (name, attempt, result) in results {
+    for (kind, name, attempt, result) in results {
         acted = true;
         if attempt > 0 {
             state.backoffs.next(name, now);
@@ -280,6 +345,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
             }
             Err(error) => {
                 tracing::warn!(pod = %uid, container = %name, error = %error, "start container");
+                record_start_failure(&shared.events, pod, kind, name, &error);
                 // Pulls back off on their own clock (ImagePullBackOff); other failures like
                 // a crash, so a broken container does not spin (a restart advanced it
                 // already).
@@ -338,8 +404,9 @@ async fn sync<R: PodRuntime, A: PodApi>(
         else {
             continue;
         };
-        let success = match check_network(&probe.probe, container, &pod_ip).await {
-            Some(success) => success,
+        let failure = match check_network(&probe.probe, container, &pod_ip).await {
+            Some(true) => None,
+            Some(false) => Some(network_probe_failure(&probe.probe, container, &pod_ip)),
             None => {
                 let command = probe
                     .probe
@@ -354,19 +421,35 @@ async fn sync<R: PodRuntime, A: PodApi>(
                     .find(|r| r.name == probe.container && r.kind == Kind::App && r.is_running())
                 {
                     Some(record) => match runtime.exec(record, &command, timeout).await {
-                        Ok(code) => code == 0,
+                        Ok(0) => None,
+                        Ok(code) => Some(format!("command {command:?} exited with code {code}")),
                         Err(error) => {
                             tracing::warn!(container = %record.name, error = %error, "exec probe");
-                            false
+                            Some(format!("command {command:?} failed: {error}"))
                         }
                     },
-                    None => false,
+                    None => Some("the container is not running".to_string()),
                 }
             }
         };
-        state
-            .prober
-            .record(&probe.container, probe.kind, &probe.probe, success);
+        if let Some(failure) = &failure {
+            // Every failed probe is an event, as the kubelet records it; repeats of one
+            // failure are folded into one event's count.
+            shared.events.container(
+                pod,
+                Kind::App,
+                &probe.container,
+                EventType::Warning,
+                "Unhealthy",
+                format!("{} probe failed: {failure}", probe_name(probe.kind)),
+            );
+        }
+        state.prober.record(
+            &probe.container,
+            probe.kind,
+            &probe.probe,
+            failure.is_none(),
+        );
     }
     let verdicts = state.prober.verdicts(pod, &running);
     if !verdicts.unhealthy.is_empty() {
@@ -393,6 +476,116 @@ fn container_image(pod: &Pod, kind: Kind, name: &str) -> String {
         .find(|c| c.name == name)
         .and_then(|c| c.image.clone())
         .unwrap_or_default()
+}
+
+/// Whether `name` is an init container or an app container of the pod.
+fn container_kind(pod: &Pod, name: &str) -> Kind {
+    let init = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_deref())
+        .unwrap_or_default();
+    if init.iter().any(|c| c.name == name) {
+        Kind::Init
+    } else {
+        Kind::App
+    }
+}
+
+/// The pod as the kubelet names it in messages (`format.Pod`): `name_namespace(uid)`.
+fn pod_ref(pod: &Pod) -> String {
+    format!(
+        "{}_{}({})",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    )
+}
+
+fn probe_name(kind: ProbeKind) -> &'static str {
+    match kind {
+        ProbeKind::Startup => "Startup",
+        ProbeKind::Liveness => "Liveness",
+        ProbeKind::Readiness => "Readiness",
+    }
+}
+
+/// What a failed httpGet or tcpSocket probe tried (the prober reports only the verdict).
+fn network_probe_failure(
+    probe: &k8s_openapi::api::core::v1::Probe,
+    container: &k8s_openapi::api::core::v1::Container,
+    pod_ip: &str,
+) -> String {
+    let host = |host: &Option<String>| {
+        host.clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| pod_ip.to_string())
+    };
+    let port = |port| resolve_port(port, container).map_or("?".to_string(), |p| p.to_string());
+    if let Some(http) = &probe.http_get {
+        let scheme = http
+            .scheme
+            .as_deref()
+            .unwrap_or("HTTP")
+            .to_ascii_lowercase();
+        let path = http.path.as_deref().unwrap_or("/");
+        let slash = if path.starts_with('/') { "" } else { "/" };
+        return format!(
+            "HTTP probe failed: GET {scheme}://{}:{}{slash}{path}",
+            host(&http.host),
+            port(&http.port)
+        );
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        return format!(
+            "TCP probe failed: dial tcp {}:{}",
+            host(&tcp.host),
+            port(&tcp.port)
+        );
+    }
+    "gRPC probes are not supported".to_string()
+}
+
+/// The kubelet's events for a sandbox that could not be made.
+fn record_sandbox_failure(events: &EventRecorder, pod: &Pod, error: &StartError) {
+    if error.reason == "NetworkNotReady" {
+        events.pod(pod, EventType::Warning, "NetworkNotReady", &error.message);
+    } else {
+        events.pod(
+            pod,
+            EventType::Warning,
+            "FailedCreatePodSandBox",
+            format!("Failed to create pod sandbox: {}", error.message),
+        );
+    }
+}
+
+/// The kubelet's `Failed` event for a container that could not start: image errors by
+/// their reason (the runtime recorded the pull's own error), others by their message.
+fn record_start_failure(
+    events: &EventRecorder,
+    pod: &Pod,
+    kind: Kind,
+    name: &str,
+    error: &StartError,
+) {
+    let image_error = matches!(
+        error.reason,
+        "ErrImagePull" | "ErrImageNeverPull" | "InvalidImageName"
+    );
+    let detail: &str = if image_error {
+        error.reason
+    } else {
+        &error.message
+    };
+    events.container(
+        pod,
+        kind,
+        name,
+        EventType::Warning,
+        "Failed",
+        format!("Error: {detail}"),
+    );
 }
 
 /// Running app containers: name → (instance id, started at).
@@ -486,6 +679,7 @@ async fn terminate<R: PodRuntime, A: PodApi>(
         }
     };
     if let Some(pod) = pod {
+        record_stopping(&shared.events, pod, &records);
         let stops = records
             .iter()
             .filter(|r| r.is_running())
@@ -510,6 +704,20 @@ async fn terminate<R: PodRuntime, A: PodApi>(
     }
     state.released = false;
     release(shared, uid, pod, state).await;
+}
+
+/// A Killing event for each running container about to be stopped.
+fn record_stopping(events: &EventRecorder, pod: &Pod, records: &[ContainerRecord]) {
+    for record in records.iter().filter(|r| r.is_running()) {
+        events.container(
+            pod,
+            record.kind,
+            &record.name,
+            EventType::Normal,
+            "Killing",
+            format!("Stopping container {}", record.name),
+        );
+    }
 }
 
 async fn release<R: PodRuntime, A>(
@@ -681,10 +889,12 @@ mod tests {
     async fn a_pod_runs_crash_loops_and_is_torn_down_on_deletion() {
         let runtime = Arc::new(FakeRuntime::default());
         let api = Arc::new(FakeApi::default());
+        let (events, mut recorded) = EventRecorder::channel("node-1", 100);
         let shared = Arc::new(WorkerShared {
             runtime: runtime.clone(),
             api: api.clone(),
             host_ip: "192.0.2.1".into(),
+            events,
         });
         let pod = Arc::new(fixtures::pod("Always", &[], &["app"]));
         let (pods, receiver) = watch::channel(Some(pod.clone()));
@@ -713,6 +923,27 @@ mod tests {
             1
         );
         assert_eq!(status["phase"], "Running");
+        // However often the worker wakes during the back-off, it is one event.
+        for _ in 0..3 {
+            wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut backoffs = Vec::new();
+        while let Ok(event) = recorded.try_recv() {
+            if event.reason.as_deref() == Some("BackOff") {
+                backoffs.push(event);
+            }
+        }
+        assert_eq!(backoffs.len(), 1, "{backoffs:#?}");
+        assert_eq!(backoffs[0].type_.as_deref(), Some("Warning"));
+        assert_eq!(
+            backoffs[0].message.as_deref(),
+            Some("Back-off restarting failed container app in pod web_default(u1)")
+        );
+        assert_eq!(
+            backoffs[0].involved_object.field_path.as_deref(),
+            Some("spec.containers{app}")
+        );
 
         // Deletion: whatever runs is stopped with the pod's grace, everything removed and
         // released, then the object deleted for good.
