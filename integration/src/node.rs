@@ -103,8 +103,6 @@ impl Node {
             name.clone(),
             "--kubeconfig".into(),
             plane.kubeconfig.display().to_string(),
-            "--node-ip".into(),
-            "127.0.0.1".into(),
             "--pod-cidr".into(),
             format!("{subnet}.0/24"),
             "--containerd-socket".into(),
@@ -140,6 +138,9 @@ impl Node {
         ];
         // A development machine's disk may well be below the kubelet's nodefs threshold;
         // tests must not depend on it, so only memory pressure evicts unless a test says.
+        if !extra_args.contains(&"--node-ip") {
+            args.extend(["--node-ip".into(), "127.0.0.1".into()]);
+        }
         if !extra_args.contains(&"--eviction-hard") {
             args.extend(["--eviction-hard".into(), "memory.available<1Mi".into()]);
         }

@@ -13,6 +13,7 @@ use integration::ControlPlane;
 use integration::containerd::Containerd;
 use integration::lbnet::{self, Exchange, Topology};
 use integration::node::Node;
+use integration::oci_image::ImageBuilder;
 use serde_json::Value;
 
 /// A cgroup for the client inside the agent's pods cgroup, where the socket hooks are.
@@ -271,4 +272,221 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(cgroup);
+}
+
+/// A veth pair of the test's own: `host` in the machine's namespace with `host_ip`/24, its
+/// peer as `eth0` in a new "outside" namespace with `client_ip`/24. Removed on drop.
+struct OutsideLink {
+    host: String,
+    netns: String,
+}
+
+impl OutsideLink {
+    fn new(host_ip: Ipv4Addr, client_ip: Ipv4Addr) -> Self {
+        let suffix = lbnet::unique_suffix();
+        let link = Self {
+            host: format!("skx{}", &suffix[suffix.len().saturating_sub(8)..]),
+            netns: format!("lbext-{suffix}"),
+        };
+        let run = |args: &[&str]| {
+            let output = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                output.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&["netns", "add", &link.netns]);
+        run(&[
+            "link",
+            "add",
+            &link.host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &link.netns,
+        ]);
+        run(&["addr", "add", &format!("{host_ip}/24"), "dev", &link.host]);
+        run(&["link", "set", &link.host, "up"]);
+        run(&[
+            "-n",
+            &link.netns,
+            "addr",
+            "add",
+            &format!("{client_ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        run(&["-n", &link.netns, "link", "set", "eth0", "up"]);
+        run(&["-n", &link.netns, "link", "set", "lo", "up"]);
+        link
+    }
+}
+
+impl Drop for OutsideLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// One TCP exchange from the outside namespace (no cgroup: the socket hooks are not on the
+/// path, only the tc programs on the node's interface).
+fn from_outside(netns: &str, to: SocketAddr, count: usize) -> Vec<Exchange> {
+    let output = Command::new(integration::binary("lb-client"))
+        .arg("--netns")
+        .arg(Topology::netns_path(netns))
+        .args([
+            "--to",
+            &to.to_string(),
+            "tcp",
+            "--count",
+            &count.to_string(),
+        ])
+        .output()
+        .expect("run lb-client");
+    assert!(
+        output.status.success(),
+        "lb-client: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| match line.split_once(" reply=") {
+            Some((_, backend)) => Exchange::Reply {
+                peer: to,
+                backend: backend.to_owned(),
+            },
+            None => Exchange::Error(line.to_owned()),
+        })
+        .collect()
+}
+
+#[test]
+fn node_ports_from_outside_the_node_reach_its_pods_under_both_traffic_policies() {
+    integration::require_root(
+        "the agent loads BPF programs and the test makes links and namespaces",
+    );
+    let plane = ControlPlane::start();
+    let containerd = Containerd::start();
+    // The node's address is on a link of the test's own, towards an "outside" namespace.
+    let octet = u8::try_from(std::process::id() % 200).expect("small") + 20;
+    let node_ip = Ipv4Addr::new(198, 18, octet, 1);
+    let client_ip = Ipv4Addr::new(198, 18, octet, 2);
+    let outside = OutsideLink::new(node_ip, client_ip);
+    let node_ip_text = node_ip.to_string();
+    let node = Node::start(
+        &plane,
+        &containerd,
+        &[
+            "--node-ip",
+            &node_ip_text,
+            "--nodeport-interfaces",
+            &outside.host,
+        ],
+    );
+    let temp = tempfile::tempdir().expect("temp dir");
+    let archive = temp.path().join("busybox.tar");
+    ImageBuilder::busybox().write_archive(&archive, "1");
+    node.import_image(&containerd, &archive, "skiff.test/busybox:1");
+
+    // Two pods answering each connection with their name, after reading the request (a
+    // socket closed with unread data resets the connection).
+    let server = "printf '#!/bin/sh\\nread request\\necho $HOSTNAME\\n' > /tmp/reply; chmod +x /tmp/reply; exec nc -ll -p 8080 -e /tmp/reply";
+    for name in ["echo-a", "echo-b"] {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "echo"}},
+            "spec": {"nodeName": node.name, "containers": [{
+                "name": "echo", "image": "skiff.test/busybox:1",
+                "command": ["sh", "-c", server],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}
+            }]}
+        });
+        let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &pod.to_string());
+        assert!(
+            applied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
+    for policy in ["Local", "Cluster"] {
+        let service = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("echo-{}", policy.to_lowercase())},
+            "spec": {"type": "NodePort", "selector": {"app": "echo"}, "externalTrafficPolicy": policy,
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+        });
+        let applied = plane.kubectl_stdin(&["apply", "-f", "-"], &service.to_string());
+        assert!(
+            applied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
+    for policy in ["local", "cluster"] {
+        let node_port: u16 = plane
+            .kubectl(&[
+                "get",
+                "service",
+                &format!("echo-{policy}"),
+                "-o",
+                "jsonpath={.spec.ports[0].nodePort}",
+            ])
+            .trim()
+            .parse()
+            .expect("a nodePort");
+        let frontend = SocketAddr::from((node_ip, node_port));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 2 {
+            let mut errors = Vec::new();
+            for exchange in from_outside(&outside.netns, frontend, 10) {
+                match exchange {
+                    Exchange::Reply { backend, .. } if !backend.is_empty() => {
+                        seen.insert(backend);
+                    }
+                    other => errors.push(other),
+                }
+            }
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(node.temp_dir().join("agent.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "NodePort {frontend} ({policy}) from outside reached only {seen:?}; last errors {errors:?}\npods:\n{}\nmaps:\n{}\nagent log (last lines first):\n{}",
+                    plane.kubectl(&["get", "pods", "-o", "wide"]),
+                    String::from_utf8_lossy(&agentctl(&node, &plane, &["lb", "list"]).stdout),
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            seen,
+            ["echo-a".to_owned(), "echo-b".to_owned()].into(),
+            "{policy}"
+        );
+    }
+    // The tc programs tracked the flows, without translating the client's address: the
+    // backends are on this node, so neither policy needs SNAT.
+    let tracked: Value =
+        serde_json::from_str(&agentctl_ok(&node, &plane, &["ct", "list", "-o", "json"]))
+            .expect("agentctl ct list JSON");
+    let flows = tracked.as_array().expect("a list of connections");
+    assert!(!flows.is_empty(), "no tracked connection");
+    for flow in flows {
+        let client = flow["client"]
+            .as_str()
+            .and_then(|client| client.split(':').next());
+        assert_eq!(client, Some(client_ip.to_string().as_str()), "{flow}");
+        assert!(flow["snat"].is_null(), "{flow}");
+    }
 }
