@@ -3,6 +3,7 @@
 
 mod bench_api;
 mod bench_cni;
+mod bench_lb;
 mod bench_pods;
 mod bench_sched;
 mod cluster;
@@ -73,6 +74,10 @@ enum Bench {
     /// One node: pods created at once through the API until Running, beside the same
     /// containers started with `ctr run`; the agent's memory with the pods running.
     Pods(bench_pods::PodsBenchArgs),
+    /// The service load balancer: connections per second and latency directly, through
+    /// skiff's socket LB and through kube-proxy's iptables rules at 1, 1 000 and 10 000
+    /// Services; programming time; EndpointSlice change to maps (needs root).
+    Lb(bench_lb::LbBenchArgs),
 }
 
 fn header(phase: &str) {
@@ -123,6 +128,10 @@ fn main() -> anyhow::Result<ExitCode> {
             println!("  cni   ADD/DEL latency of skiff-cni against the reference plugins");
             println!("  sched pods bound per second at 5 000 hollow nodes");
             println!("  pods  50 pods created at once on one node until Running, beside `ctr run`");
+            println!(
+                "  lb    ClusterIP connections direct, through skiff and through kube-proxy's"
+            );
+            println!("        iptables rules at 1 to 10 000 Services; programming time");
         }
         Command::Bench {
             bench: Some(Bench::Api(args)),
@@ -136,6 +145,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             bench: Some(Bench::Pods(args)),
         } => bench_pods::run(&args)?,
+        Command::Bench {
+            bench: Some(Bench::Lb(args)),
+        } => bench_lb::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,19 +17,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
-};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nix::sched::{CloneFlags, setns};
@@ -69,6 +67,7 @@ const TARGET_WITHIN_DIRECT: f64 = 0.05;
 const TARGET_OVER_IPTABLES: f64 = 1.5;
 const TARGET_PROGRAM: Duration = Duration::from_secs(1);
 const TARGET_PROGRAM_RATIO: f64 = 20.0;
+const TARGET_CHANGE_P99: Duration = Duration::from_millis(50);
 /// The Service count at which the ratio targets apply.
 const TARGET_SCALE: usize = 10_000;
 
@@ -90,6 +89,15 @@ enum Internal {
     /// One measurement (run by the bench itself): N sequential new connections per thread.
     #[command(hide = true)]
     Client(ClientArgs),
+    /// Prints kube-proxy's startup rules (`--base`) or its sync for N Services, as the
+    /// bench restores them.
+    #[command(hide = true)]
+    Rules {
+        #[arg(long, default_value_t = 1)]
+        services: usize,
+        #[arg(long)]
+        base: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -98,11 +106,12 @@ struct BenchArgs {
     #[arg(long, default_value_t = 3000)]
     connections: usize,
     /// Connections the client keeps in flight at once (one thread each).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     concurrency: usize,
-    /// Each case's connections are split into this many rounds, the cases taking turns, so
-    /// that a change in the machine's load during the run hits every case alike.
-    #[arg(long, default_value_t = 3)]
+    /// Each case's connections are split into this many batches, the cases taking turns
+    /// (each case's client waits between its batches), so that a change in the machine's
+    /// load during the run hits every case alike.
+    #[arg(long, default_value_t = 30)]
     rounds: usize,
     /// Service counts (each with 4 endpoints), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
@@ -111,6 +120,22 @@ struct BenchArgs {
     /// `iptables` is on this machine).
     #[arg(long)]
     iptables: Option<String>,
+    /// Times kube-proxy's own invocation, `iptables-restore --noflush --counters` after its
+    /// startup chains, instead of one flushing restore of the same rules (the fastest way
+    /// iptables loads them). iptables-nft 1.8.9 is quadratic in --noflush mode: about 9
+    /// minutes for 10 000 Services on the 2-core development machine.
+    #[arg(long)]
+    noflush: bool,
+    /// Services in the API server for the EndpointSlice change figure.
+    #[arg(long, default_value_t = 1000)]
+    change_services: usize,
+    /// EndpointSlice changes measured (each removes or adds back one endpoint of another
+    /// Service); 0 skips the figure.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// The skiff-control binary (default: the one next to this executable).
+    #[arg(long)]
+    control_binary: Option<PathBuf>,
     /// Where the temporary directory goes (default: the system temp directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -131,9 +156,6 @@ struct ClientArgs {
     /// Where to connect, taken in turn; comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     targets: Vec<SocketAddrV4>,
-    /// Measured connections in all.
-    #[arg(long)]
-    count: usize,
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// Unmeasured connections first (ARP, caches).
@@ -145,6 +167,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Internal::Client(args)) => client(&args),
+        Some(Internal::Rules { services, base }) => {
+            let rules = if base {
+                kube_proxy_base_rules()
+            } else {
+                kube_proxy_sync_rules(services)
+            };
+            std::io::stdout()
+                .write_all(rules.as_bytes())
+                .context("write the rules")
+        }
         None => bench(&cli.bench),
     }
 }
@@ -301,11 +333,15 @@ impl Topology {
             iptables_client: name("ipt"),
             backends: (0..BACKENDS).map(|i| name(&format!("be{i}"))).collect(),
         };
-        let all: Vec<String> = [&topology.node, &topology.direct_client, &topology.iptables_client]
-            .into_iter()
-            .chain(&topology.backends)
-            .cloned()
-            .collect();
+        let all: Vec<String> = [
+            &topology.node,
+            &topology.direct_client,
+            &topology.iptables_client,
+        ]
+        .into_iter()
+        .chain(&topology.backends)
+        .cloned()
+        .collect();
         for netns in &all {
             cleanup.update(|l| l.netns.push(netns.clone()));
             ip(&["netns", "add", netns])?;
@@ -396,7 +432,7 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // The client.
 
-/// What one `lb-bench client` run measured.
+/// What one batch of connections measured (or several, merged).
 #[derive(Default)]
 struct Measured {
     /// Wall time of the measured connections, all threads.
@@ -406,10 +442,13 @@ struct Measured {
     first_error: Option<String>,
     /// Replies per backend.
     per_backend: [usize; BACKENDS],
+    /// Connections per second of each batch, to see how steady the machine was.
+    batch_rates: Vec<f64>,
 }
 
 impl Measured {
     fn merge(&mut self, other: Measured) {
+        self.batch_rates.push(other.connections_per_second());
         self.wall += other.wall;
         self.latencies.extend(other.latencies);
         self.failures += other.failures;
@@ -423,6 +462,18 @@ impl Measured {
 
     fn connections_per_second(&self) -> f64 {
         self.latencies.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// The median of the batches' connections per second: a batch that another user of the
+    /// machine slowed down moves it less than it moves the overall rate.
+    fn median_batch_rate(&self) -> f64 {
+        let mut rates = self.batch_rates.clone();
+        rates.sort_by(f64::total_cmp);
+        match rates.len() {
+            0 => self.connections_per_second(),
+            n if !n.is_multiple_of(2) => rates[n / 2],
+            n => (rates[n / 2 - 1] + rates[n / 2]) / 2.0,
+        }
     }
 }
 
@@ -450,27 +501,14 @@ fn request(target: SocketAddrV4) -> anyhow::Result<usize> {
     })
 }
 
-/// `lb-bench client`: moves into the cgroup, enters the namespace, makes the connections
-/// and prints what it measured for the parent ([`parse_client_output`]).
-fn client(args: &ClientArgs) -> anyhow::Result<()> {
-    // "0" moves the writing process; this is still single-threaded, so all of it.
-    let procs = args.cgroup.join("cgroup.procs");
-    fs::write(&procs, "0").with_context(|| format!("join cgroup: write {}", procs.display()))?;
-    let netns = fs::File::open(&args.netns)
-        .with_context(|| format!("open network namespace {}", args.netns.display()))?;
-    // Threads started later inherit the namespace.
-    setns(&netns, CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("enter network namespace {}", args.netns.display()))?;
-    for index in 0..args.warmup {
-        request(args.targets[index % args.targets.len()]).context("warm-up request")?;
-    }
-    let threads = args.concurrency.clamp(1, args.count.max(1));
+/// `count` requests from `concurrency` threads, each sequential; the targets taken in turn.
+fn run_batch(targets: &[SocketAddrV4], count: usize, concurrency: usize) -> Measured {
+    let threads = concurrency.clamp(1, count.max(1));
     let started = Instant::now();
     let parts: Vec<Measured> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|thread| {
-                let count = args.count / threads + usize::from(thread < args.count % threads);
-                let targets = &args.targets;
+                let count = count / threads + usize::from(thread < count % threads);
                 scope.spawn(move || {
                     let mut measured = Measured {
                         latencies: Vec::with_capacity(count),
@@ -502,36 +540,80 @@ fn client(args: &ClientArgs) -> anyhow::Result<()> {
             .map(|worker| worker.join().unwrap_or_default())
             .collect()
     });
-    let wall = started.elapsed();
-    let mut out = String::new();
-    let failures: usize = parts.iter().map(|p| p.failures).sum();
-    let _ = writeln!(out, "wall_ns {}", wall.as_nanos());
-    let _ = writeln!(out, "failures {failures}");
-    if let Some(error) = parts.iter().find_map(|p| p.first_error.as_deref()) {
-        let _ = writeln!(out, "error {}", error.replace('\n', " "));
-    }
-    let mut per_backend = [0usize; BACKENDS];
-    for part in &parts {
-        for (sum, count) in per_backend.iter_mut().zip(part.per_backend) {
+    let mut batch = Measured {
+        wall: started.elapsed(),
+        ..Measured::default()
+    };
+    for part in parts {
+        batch.latencies.extend(part.latencies);
+        batch.failures += part.failures;
+        if batch.first_error.is_none() {
+            batch.first_error = part.first_error;
+        }
+        for (sum, count) in batch.per_backend.iter_mut().zip(part.per_backend) {
             *sum += count;
         }
     }
-    let counts: Vec<String> = per_backend.iter().map(usize::to_string).collect();
+    batch
+}
+
+/// The lines [`parse_batch`] reads, ending with `end`.
+fn format_batch(batch: &Measured) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "wall_ns {}", batch.wall.as_nanos());
+    let _ = writeln!(out, "failures {}", batch.failures);
+    if let Some(error) = &batch.first_error {
+        let _ = writeln!(out, "error {}", error.replace('\n', " "));
+    }
+    let counts: Vec<String> = batch.per_backend.iter().map(usize::to_string).collect();
     let _ = writeln!(out, "backends {}", counts.join(" "));
-    for latency in parts.iter().flat_map(|p| &p.latencies) {
+    for latency in &batch.latencies {
         let _ = writeln!(out, "{}", latency.as_nanos());
     }
-    std::io::stdout()
-        .write_all(out.as_bytes())
-        .context("write the measurements")?;
+    out += "end\n";
+    out
+}
+
+/// `lb-bench client`: moves into the cgroup, enters the namespace, warms up, says `ready`,
+/// then runs one batch per count read from stdin (until EOF) and prints what it measured.
+fn client(args: &ClientArgs) -> anyhow::Result<()> {
+    // "0" moves the writing process; this is still single-threaded, so all of it.
+    let procs = args.cgroup.join("cgroup.procs");
+    fs::write(&procs, "0").with_context(|| format!("join cgroup: write {}", procs.display()))?;
+    let netns = fs::File::open(&args.netns)
+        .with_context(|| format!("open network namespace {}", args.netns.display()))?;
+    // Threads started later inherit the namespace.
+    setns(&netns, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {}", args.netns.display()))?;
+    for index in 0..args.warmup {
+        request(args.targets[index % args.targets.len()]).context("warm-up request")?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(b"ready\n")?;
+    stdout.flush()?;
+    for line in std::io::stdin().lines() {
+        let line = line.context("read a batch size")?;
+        let count: usize = line
+            .trim()
+            .parse()
+            .with_context(|| format!("batch size {line:?}"))?;
+        let batch = run_batch(&args.targets, count, args.concurrency);
+        stdout.write_all(format_batch(&batch).as_bytes())?;
+        stdout.flush()?;
+    }
     Ok(())
 }
 
-fn parse_client_output(text: &str) -> anyhow::Result<Measured> {
+/// Reads one batch's lines up to `end`.
+fn parse_batch(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+) -> anyhow::Result<Measured> {
     let mut measured = Measured::default();
-    for line in text.lines() {
-        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+    for line in lines {
+        let line = line.context("read the client's output")?;
+        let (key, value) = line.split_once(' ').unwrap_or((&line, ""));
         match key {
+            "end" => return Ok(measured),
             "wall_ns" => measured.wall = Duration::from_nanos(value.parse()?),
             "failures" => measured.failures = value.parse()?,
             "error" => measured.first_error = Some(value.to_string()),
@@ -547,7 +629,7 @@ fn parse_client_output(text: &str) -> anyhow::Result<Measured> {
             )),
         }
     }
-    Ok(measured)
+    bail!("the client exited in the middle of a batch")
 }
 
 /// How one case reaches its backends.
@@ -557,34 +639,83 @@ struct Case {
     targets: Vec<SocketAddrV4>,
 }
 
-/// Runs `lb-bench client` for `count` connections of `case`.
-fn run_client(case: &Case, count: usize, concurrency: usize) -> anyhow::Result<Measured> {
-    let exe = std::env::current_exe().context("find the bench's own executable")?;
-    let targets: Vec<String> = case.targets.iter().map(ToString::to_string).collect();
-    let output = Command::new(exe)
-        .arg("client")
-        .arg("--netns")
-        .arg(&case.netns)
-        .arg("--cgroup")
-        .arg(&case.cgroup)
-        .arg("--targets")
-        .arg(targets.join(","))
-        .args(["--count", &count.to_string()])
-        .args(["--concurrency", &concurrency.to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .context("run lb-bench client")?;
-    ensure!(
-        output.status.success(),
-        "lb-bench client to {} from {}: {}\n{}",
-        targets.join(","),
-        case.netns.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    parse_client_output(&String::from_utf8_lossy(&output.stdout))
+/// A running `lb-bench client` of one case, waiting for batches.
+struct ClientProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: std::io::Lines<BufReader<ChildStdout>>,
+    description: String,
 }
 
+impl ClientProcess {
+    fn start(case: &Case, concurrency: usize) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("find the bench's own executable")?;
+        let targets: Vec<String> = case.targets.iter().map(ToString::to_string).collect();
+        let description = format!(
+            "lb-bench client to {} from {} in {}",
+            targets.join(","),
+            case.netns.display(),
+            case.cgroup.display()
+        );
+        let mut child = Command::new(exe)
+            .arg("client")
+            .arg("--netns")
+            .arg(&case.netns)
+            .arg("--cgroup")
+            .arg(&case.cgroup)
+            .arg("--targets")
+            .arg(targets.join(","))
+            .args(["--concurrency", &concurrency.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {description}"))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().context("the client's stdout")?).lines();
+        let mut process = Self {
+            child,
+            stdin,
+            stdout,
+            description,
+        };
+        match process.stdout.next() {
+            Some(Ok(line)) if line == "ready" => Ok(process),
+            _ => Err(process.failed()),
+        }
+    }
+
+    /// Runs `count` connections; returns what they measured.
+    fn batch(&mut self, count: usize) -> anyhow::Result<Measured> {
+        let sent = self
+            .stdin
+            .as_mut()
+            .map(|stdin| writeln!(stdin, "{count}").and_then(|()| stdin.flush()));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(self.failed());
+        }
+        parse_batch(&mut self.stdout).map_err(|error| self.failed().context(error))
+    }
+
+    /// The error of a client that stopped answering, with what it said on stderr.
+    fn failed(&mut self) -> anyhow::Error {
+        self.stdin = None;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+        anyhow::anyhow!("{} failed ({status}): {}", self.description, stderr.trim())
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
+        // EOF on stdin ends the client.
+        self.stdin = None;
+        let _ = self.child.wait();
+    }
+}
 // ---------------------------------------------------------------------------------------
 // The Services: synthetic API objects for skiff, kube-proxy's rules for iptables.
 
@@ -712,7 +843,8 @@ fn kube_proxy_base_rules() -> String {
         };
         format!("-A {chain} {extra}{comment}-j {target}\n")
     };
-    let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    let mut rules =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     for chain in [
         "KUBE-EXTERNAL-SERVICES",
         "KUBE-NODEPORTS",
@@ -740,7 +872,12 @@ fn kube_proxy_base_rules() -> String {
     );
     rules += &jump("FORWARD", new, firewall, "KUBE-PROXY-FIREWALL");
     rules += &jump("FORWARD", "", "kubernetes forwarding rules", "KUBE-FORWARD");
-    rules += &jump("FORWARD", new, "kubernetes service portals", "KUBE-SERVICES");
+    rules += &jump(
+        "FORWARD",
+        new,
+        "kubernetes service portals",
+        "KUBE-SERVICES",
+    );
     rules += &jump(
         "FORWARD",
         new,
@@ -751,7 +888,12 @@ fn kube_proxy_base_rules() -> String {
     rules += &jump("OUTPUT", new, firewall, "KUBE-PROXY-FIREWALL");
     rules += &jump("OUTPUT", new, "kubernetes service portals", "KUBE-SERVICES");
     rules += "COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n";
-    rules += &jump("PREROUTING", "", "kubernetes service portals", "KUBE-SERVICES");
+    rules += &jump(
+        "PREROUTING",
+        "",
+        "kubernetes service portals",
+        "KUBE-SERVICES",
+    );
     rules += &jump("OUTPUT", "", "kubernetes service portals", "KUBE-SERVICES");
     rules += &jump(
         "POSTROUTING",
@@ -791,7 +933,10 @@ fn kube_proxy_sync_rules(count: usize) -> String {
         "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQUERADE_MARK}"
     );
     rules += "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n";
-    let _ = writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQUERADE_MARK}");
+    let _ = writeln!(
+        rules,
+        "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQUERADE_MARK}"
+    );
     for index in 0..count {
         let port_name = format!("{NAMESPACE}/{}:{SERVICE_PORT_NAME}", service_name(index));
         let service_chain = format!("KUBE-SVC-{}", port_proto_hash(&port_name, "tcp"));
@@ -858,6 +1003,53 @@ fn kube_proxy_sync_rules(count: usize) -> String {
          COMMIT\n"
     );
     filter + &chains + &rules
+}
+
+/// One iptables-restore input holding the tables of several, in the order given: without
+/// `--noflush` each `*table` section empties its table, so each table appears once, its
+/// chains declared once (built-in chains first, as they came), then every rule in order.
+fn merge_restore_files(files: &[&str]) -> String {
+    // (table, declarations, rules), in the order the tables first appear.
+    let mut tables: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for file in files {
+        let mut current: Option<usize> = None;
+        for line in file.lines() {
+            if let Some(table) = line.strip_prefix('*') {
+                let index = match tables.iter().position(|(name, _, _)| name == table) {
+                    Some(index) => index,
+                    None => {
+                        tables.push((table.to_string(), Vec::new(), Vec::new()));
+                        tables.len() - 1
+                    }
+                };
+                current = Some(index);
+            } else if line == "COMMIT" {
+                current = None;
+            } else if let Some(index) = current {
+                let (_, declarations, rules) = &mut tables[index];
+                if let Some(declaration) = line.strip_prefix(':') {
+                    let chain = declaration.split(' ').next().unwrap_or_default();
+                    let declared = declarations
+                        .iter()
+                        .any(|d| d[1..].split(' ').next() == Some(chain));
+                    if !declared {
+                        declarations.push(line.to_string());
+                    }
+                } else {
+                    rules.push(line.to_string());
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for (table, declarations, rules) in tables {
+        let _ = writeln!(out, "*{table}");
+        for line in declarations.iter().chain(&rules) {
+            let _ = writeln!(out, "{line}");
+        }
+        out += "COMMIT\n";
+    }
+    out
 }
 
 /// Which iptables kube-proxy's rules go through.
@@ -928,6 +1120,308 @@ impl Iptables {
 }
 
 // ---------------------------------------------------------------------------------------
+// EndpointSlice changes: through the API server and the agent's sync loop to the maps.
+
+/// A `skiff-control serve` of the bench's own, on a data dir in the temp dir; killed when
+/// dropped.
+struct ControlServer {
+    child: Child,
+    kubeconfig: PathBuf,
+}
+
+impl ControlServer {
+    fn start(binary: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+        let log_path = data_dir.join("skiff-control.log");
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("create {}", log_path.display()))?;
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        let stdout = child.stdout.take().context("skiff-control's stdout")?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        // Reads stdout to the end, so that the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("skiff-control serving ") {
+                    let _ = sender.send(());
+                }
+            }
+        });
+        let server = Self {
+            child,
+            kubeconfig: data_dir.join("admin.kubeconfig"),
+        };
+        receiver
+            .recv_timeout(Duration::from_secs(30))
+            .with_context(|| {
+                format!(
+                    "{} did not say it was serving within 30 s; see {}",
+                    binary.display(),
+                    log_path.display()
+                )
+            })?;
+        Ok(server)
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the EndpointSlice changes measured, each from just before the API request.
+struct ChangeResult {
+    services: usize,
+    /// Until the API server answered the write.
+    write: Vec<Duration>,
+    /// Until the bench saw the new endpoint count in the pinned services map.
+    maps: Vec<Duration>,
+    /// Changes not seen in the maps within [`CHANGE_TIMEOUT`].
+    timeouts: usize,
+    /// From the sync loop's start until the maps held every Service.
+    initial_sync: Duration,
+}
+
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Service of the change figure: the API allocates the ClusterIP.
+fn api_service_object(index: usize) -> Service {
+    let mut service = service_object(index);
+    if let Some(spec) = service.spec.as_mut() {
+        spec.cluster_ip = None;
+        spec.cluster_ips = None;
+    }
+    service
+}
+
+/// An EndpointSlice that no controller of the API server's manages.
+fn api_slice_object(index: usize) -> EndpointSlice {
+    let mut slice = slice_object(index);
+    if let Some(labels) = slice.metadata.labels.as_mut() {
+        labels.insert(
+            "endpointslice.kubernetes.io/managed-by".into(),
+            "lb-bench".into(),
+        );
+    }
+    slice
+}
+
+/// Creates the namespace, `count` Services and their slices through the API; returns the
+/// Services' ClusterIPs and slices, by index.
+async fn create_api_objects(
+    client: &kube::Client,
+    count: usize,
+) -> anyhow::Result<Vec<(Ipv4Addr, EndpointSlice)>> {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NAMESPACE.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => return Err(error).context("create namespace lb-bench"),
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
+    let created: Vec<anyhow::Result<(usize, Ipv4Addr, EndpointSlice)>> =
+        futures::stream::iter(0..count)
+            .map(|index| {
+                let services = services.clone();
+                let slices = slices.clone();
+                async move {
+                    let service = services
+                        .create(&PostParams::default(), &api_service_object(index))
+                        .await
+                        .with_context(|| format!("create Service {}", service_name(index)))?;
+                    let address: Ipv4Addr = service
+                        .spec
+                        .as_ref()
+                        .and_then(|spec| spec.cluster_ip.as_deref())
+                        .and_then(|address| address.parse().ok())
+                        .with_context(|| {
+                            format!("Service {} got no IPv4 ClusterIP", service_name(index))
+                        })?;
+                    let slice = slices
+                        .create(&PostParams::default(), &api_slice_object(index))
+                        .await
+                        .with_context(|| {
+                            format!("create the EndpointSlice of {}", service_name(index))
+                        })?;
+                    Ok((index, address, slice))
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+    let mut objects: Vec<(usize, Ipv4Addr, EndpointSlice)> =
+        created.into_iter().collect::<anyhow::Result<_>>()?;
+    objects.sort_by_key(|(index, _, _)| *index);
+    Ok(objects
+        .into_iter()
+        .map(|(_, address, slice)| (address, slice))
+        .collect())
+}
+
+/// The endpoint count skiff's services map holds for a ClusterIP (its slot 0), if any.
+fn endpoint_count(
+    map: &aya::maps::HashMap<
+        aya::maps::MapData,
+        skiff_ebpf::lb::Lb4Key,
+        skiff_ebpf::lb::Lb4Service,
+    >,
+    address: Ipv4Addr,
+) -> Option<u16> {
+    let key = skiff_ebpf::lb::Lb4Key::new(
+        address,
+        SERVICE_PORT,
+        skiff_ebpf::lb::IPPROTO_TCP,
+        skiff_ebpf::lb::SCOPE_INTERNAL,
+        0,
+    );
+    map.get(&key, 0).ok().map(|service| service.count)
+}
+
+/// Starts skiff-control, creates the Services and slices, runs the agent's sync loop
+/// (`skiff_agent::lb::sync::run`) on fresh maps and times each slice change from the API
+/// request until the pinned services map shows it.
+fn measure_changes(args: &BenchArgs, root: &Path, bpffs: &Path) -> anyhow::Result<ChangeResult> {
+    use kube::api::{Api, PostParams};
+
+    let binary = match &args.control_binary {
+        Some(binary) => binary.clone(),
+        None => std::env::current_exe()
+            .context("find the bench's own executable")?
+            .with_file_name("skiff-control"),
+    };
+    ensure!(
+        binary.exists(),
+        "{} not found: build it (`cargo build --release -p skiff-control`) or pass \
+         --control-binary, or --changes 0 to skip the EndpointSlice figure",
+        binary.display()
+    );
+    let control = ControlServer::start(&binary, &root.join("control"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("build the tokio runtime")?;
+    let client = runtime
+        .block_on(async {
+            let kubeconfig = kube::config::Kubeconfig::read_from(&control.kubeconfig)?;
+            let config = kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?;
+            anyhow::Ok(kube::Client::try_from(config)?)
+        })
+        .with_context(|| format!("a client from {}", control.kubeconfig.display()))?;
+    let created = Instant::now();
+    let mut objects = runtime.block_on(create_api_objects(&client, args.change_services))?;
+    println!(
+        "    created {} Services and their EndpointSlices in {:.1} s",
+        grouped(args.change_services),
+        created.elapsed().as_secs_f64()
+    );
+
+    let pins = bpffs.join("sync");
+    fs::create_dir_all(&pins).with_context(|| format!("create {}", pins.display()))?;
+    let datapath = Datapath::load(&pins, &map_sizes(args.change_services))
+        .with_context(|| format!("load skiff's datapath under {}", pins.display()))?;
+    let programmer = Programmer::new(datapath).context("start skiff's programmer")?;
+    let map_pin = pins.join(skiff_ebpf::lb::SERVICES_MAP);
+    let map = aya::maps::MapData::from_pin(&map_pin)
+        .with_context(|| format!("open the pinned map {}", map_pin.display()))?;
+    let map: aya::maps::HashMap<_, skiff_ebpf::lb::Lb4Key, skiff_ebpf::lb::Lb4Service> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))
+            .context("the services map's type")?;
+
+    let node = NodeContext {
+        node_name: NODE_NAME.into(),
+        node_addresses: Vec::new(),
+    };
+    let sync_started = Instant::now();
+    let sync = runtime.spawn(skiff_agent::lb::sync::run(client.clone(), node, programmer));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while objects
+        .iter()
+        .any(|(address, _)| endpoint_count(&map, *address) != Some(BACKENDS as u16))
+    {
+        ensure!(
+            Instant::now() < deadline && !sync.is_finished(),
+            "the sync loop did not program the {} Services within 60 s",
+            args.change_services
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let initial_sync = sync_started.elapsed();
+
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NAMESPACE);
+    let mut result = ChangeResult {
+        services: args.change_services,
+        write: Vec::new(),
+        maps: Vec::new(),
+        timeouts: 0,
+        initial_sync,
+    };
+    for (address, slice) in objects.iter_mut().take(args.changes) {
+        let mut changed = slice.clone();
+        changed.endpoints.truncate(BACKENDS - 1);
+        let expected = changed.endpoints.len() as u16;
+        let name = changed.metadata.name.clone().unwrap_or_default();
+        let api = slices.clone();
+        let started = Instant::now();
+        let write = runtime.spawn(async move {
+            let answer = api.replace(&name, &PostParams::default(), &changed).await;
+            (Instant::now(), answer)
+        });
+        let seen = loop {
+            if endpoint_count(&map, *address) == Some(expected) {
+                break Some(Instant::now());
+            }
+            if started.elapsed() > CHANGE_TIMEOUT {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        let (answered, answer) = runtime
+            .block_on(write)
+            .context("the EndpointSlice write task")?;
+        *slice = answer.context("replace an EndpointSlice")?;
+        result.write.push(answered - started);
+        match seen {
+            Some(seen) => result.maps.push(seen - started),
+            None => result.timeouts += 1,
+        }
+        // Changes apart, as they come in a cluster, not one queued behind the other.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sync.abort();
+    drop(runtime);
+    drop(control);
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------------------
 // The bench.
 
 /// Nearest-rank percentile of sorted `values`.
@@ -952,7 +1446,7 @@ fn grouped(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(' ');
         }
         out.push(digit);
@@ -981,7 +1475,10 @@ struct ScaleResult {
 }
 
 struct Summary {
+    /// The median batch's.
     connections_per_second: f64,
+    /// All connections over all the batches' wall time.
+    overall_rate: f64,
     p50: Duration,
     p99: Duration,
     n: usize,
@@ -990,7 +1487,8 @@ struct Summary {
 fn summarize(measured: &mut Measured) -> Summary {
     measured.latencies.sort();
     Summary {
-        connections_per_second: measured.connections_per_second(),
+        connections_per_second: measured.median_batch_rate(),
+        overall_rate: measured.connections_per_second(),
         p50: percentile(&measured.latencies, 50.0),
         p99: percentile(&measured.latencies, 99.0),
         n: measured.latencies.len(),
@@ -1007,6 +1505,10 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "--scales needs Service counts of at least 1"
     );
     ensure!(
+        args.changes <= args.change_services,
+        "--changes: at most one per Service (--change-services)"
+    );
+    ensure!(
         args.scales.iter().all(|n| *n <= 500_000),
         "--scales: at most 500 000 Services (the service network and the maps)"
     );
@@ -1016,14 +1518,20 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     );
     let iptables = Iptables::detect(args.iptables.as_deref())?;
     let temp = match &args.dir {
-        Some(dir) => tempfile::Builder::new().prefix("skiff-lb-bench-").tempdir_in(dir),
+        Some(dir) => tempfile::Builder::new()
+            .prefix("skiff-lb-bench-")
+            .tempdir_in(dir),
         None => tempfile::Builder::new().prefix("skiff-lb-bench-").tempdir(),
     }
     .context("create the bench's temp dir")?;
     let root = temp.path().to_path_buf();
     let suffix: String = root
         .file_name()
-        .map(|n| n.to_string_lossy().trim_start_matches("skiff-lb-bench-").to_lowercase())
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("skiff-lb-bench-")
+                .to_lowercase()
+        })
         .unwrap_or_default()
         .chars()
         .filter(char::is_ascii_alphanumeric)
@@ -1073,7 +1581,10 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     for &services in &args.scales {
-        println!("==> {}: program skiff and iptables", services_label(services));
+        println!(
+            "==> {}: program skiff and iptables",
+            services_label(services)
+        );
         // skiff: maps of their own (a fresh pin directory), hooks on a cgroup of their own.
         let lb_cgroup = cgroup_parent.join(format!("lb-{services}"));
         cleanup.update(|l| l.cgroups.insert(0, lb_cgroup.clone()));
@@ -1101,17 +1612,29 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .context("program skiff's maps")?;
         let skiff_program = program_started.elapsed();
 
-        // iptables: kube-proxy's startup state, then its sync, timed.
+        // iptables: kube-proxy's rules into tables emptied of the previous scale's.
         let ipt_netns = netns_path(&topology.iptables_client);
-        let base = root.join("kube-proxy-base.rules");
-        fs::write(&base, kube_proxy_base_rules())
-            .with_context(|| format!("write {}", base.display()))?;
-        iptables.restore(&ipt_netns, &base, false)?;
-        let sync = root.join(format!("kube-proxy-sync-{services}.rules"));
+        let base_rules = kube_proxy_base_rules();
         let sync_rules = kube_proxy_sync_rules(services);
-        let iptables_rules = sync_rules.lines().filter(|l| l.starts_with("-A ")).count();
-        fs::write(&sync, sync_rules).with_context(|| format!("write {}", sync.display()))?;
-        let iptables_program = iptables.restore(&ipt_netns, &sync, true)?;
+        let iptables_rules = (base_rules.clone() + &sync_rules)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count();
+        let iptables_program = if args.noflush {
+            // As kube-proxy: its startup chains (untimed), then its sync with --noflush.
+            let base = root.join("kube-proxy-base.rules");
+            fs::write(&base, base_rules).with_context(|| format!("write {}", base.display()))?;
+            iptables.restore(&ipt_netns, &base, false)?;
+            let sync = root.join(format!("kube-proxy-sync-{services}.rules"));
+            fs::write(&sync, sync_rules).with_context(|| format!("write {}", sync.display()))?;
+            iptables.restore(&ipt_netns, &sync, true)?
+        } else {
+            // The same final tables in one restore, which also flushes the previous scale's.
+            let all = root.join(format!("kube-proxy-{services}.rules"));
+            fs::write(&all, merge_restore_files(&[&base_rules, &sync_rules]))
+                .with_context(|| format!("write {}", all.display()))?;
+            iptables.restore(&ipt_netns, &all, false)?
+        };
         println!(
             "    skiff apply_all {:.1} ms; {} of {} rules {:.1} ms",
             ms(skiff_program),
@@ -1144,17 +1667,22 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             args.connections,
             args.rounds
         );
+        let mut clients = cases
+            .iter()
+            .map(|case| ClientProcess::start(case, args.concurrency))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut measured: [Measured; 3] = Default::default();
         for round in 0..args.rounds {
             let count = args.connections / args.rounds
                 + usize::from(round < args.connections % args.rounds);
             // Each round starts with another case, so none always runs first.
-            for offset in 0..cases.len() {
-                let which = (round + offset) % cases.len();
-                let part = run_client(&cases[which], count, args.concurrency)?;
-                measured[which].merge(part);
+            for offset in 0..clients.len() {
+                let which = (round + offset) % clients.len();
+                let batch = clients[which].batch(count)?;
+                measured[which].merge(batch);
             }
         }
+        drop(clients);
         drop(programmer);
         let [direct, skiff, iptables_measured] = measured;
         results.push(ScaleResult {
@@ -1168,11 +1696,28 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             iptables_rules,
         });
     }
+    let changes = if args.changes == 0 {
+        None
+    } else {
+        println!(
+            "==> EndpointSlice changes: skiff-control with {}, the agent's sync loop, {} changes",
+            services_label(args.change_services),
+            args.changes
+        );
+        Some(measure_changes(args, &root, &bpffs)?)
+    };
     let load_after = fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
 
-    report(args, &iptables, &mut results, &load_before, &load_after);
+    report(
+        args,
+        &iptables,
+        &mut results,
+        changes,
+        &load_before,
+        &load_after,
+    );
     println!("==> cleanup");
     drop(cleanup);
     println!("removed the namespaces, cgroups and bpffs mount");
@@ -1199,36 +1744,42 @@ fn report(
     args: &BenchArgs,
     iptables: &Iptables,
     results: &mut [ScaleResult],
+    changes: Option<ChangeResult>,
     load_before: &str,
     load_after: &str,
 ) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let per_batch = args.connections / args.rounds;
     println!();
     println!(
-        "ClusterIP connections: skiff's socket LB vs kube-proxy's iptables mode ({}; {}), \
-         release build",
-        iptables.variant, iptables.version
+        "ClusterIP connections: skiff's socket LB vs kube-proxy's iptables mode \
+         ({iptables_version}), release build",
+        iptables_version = iptables.version
     );
     println!(
-        "  {cpus} CPUs, load average {load_before} before and {load_after} after (other users \
-         of the machine slow every case alike: the cases take turns in {} rounds)",
+        "  {cpus} CPUs, load average {load_before} before and {load_after} after: other users \
+         of the machine slow every case alike (the cases take turns in {} batches of {per_batch})",
         args.rounds
     );
     println!(
         "  each request: a new TCP connection, 8 bytes each way, closed by the backend; {} per \
-         case, {} at once; {BACKENDS} backend pods on a bridge",
+         case, {} at a time; {BACKENDS} backend pods on a bridge",
         args.connections, args.concurrency
     );
     println!(
         "  the client connects to the last Service, at the end of KUBE-SERVICES (iptables' \
          worst case); direct and skiff clients run in a namespace without netfilter rules"
     );
+    println!(
+        "  conn/s: the median batch's (all: every connection over the batches' summed wall \
+         time); latency: connect to the reply's EOF, over all connections"
+    );
     println!();
     println!(
-        "  {:<46} {:>9} {:>8} {:>8} {:>6}",
-        "", "conn/s", "p50 ms", "p99 ms", "n"
+        "  {:<46} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "", "conn/s", "all", "p50 ms", "p99 ms", "n"
     );
-    let mut failures = Vec::new();
+    let mut problems = Vec::new();
     for result in results.iter_mut() {
         let label = services_label(result.services);
         let direct = summarize(&mut result.direct);
@@ -1242,62 +1793,67 @@ fn report(
                 &result.direct,
             ),
             ("skiff ClusterIP (socket LB)", &skiff, &result.skiff),
-            ("iptables ClusterIP (kube-proxy's rules)", &ipt, &result.iptables),
+            (
+                "iptables ClusterIP (kube-proxy's rules)",
+                &ipt,
+                &result.iptables,
+            ),
         ] {
             println!(
-                "    {:<44} {:>9.0} {:>8.3} {:>8.3} {:>6}",
+                "    {:<44} {:>8.0} {:>8.0} {:>8.3} {:>8.3} {:>6}",
                 name,
                 summary.connections_per_second,
+                summary.overall_rate,
                 ms(summary.p50),
                 ms(summary.p99),
                 summary.n
             );
             if measured.failures > 0 {
-                failures.push(format!(
+                problems.push(format!(
                     "{label}, {name}: {} failed requests ({})",
                     measured.failures,
                     measured.first_error.as_deref().unwrap_or("?")
                 ));
             }
             if measured.per_backend.contains(&0) {
-                failures.push(format!(
+                problems.push(format!(
                     "{label}, {name}: not every backend answered (replies per backend {:?})",
                     measured.per_backend
                 ));
             }
         }
-        let rate = |a: &Summary, b: &Summary| {
-            a.connections_per_second / b.connections_per_second.max(1e-9)
-        };
+        let rate = |a: f64, b: f64| a / b.max(1e-9);
         let time = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
-        let skiff_rate = rate(&skiff, &direct);
+        let skiff_rate = rate(skiff.connections_per_second, direct.connections_per_second);
         let skiff_p50 = time(skiff.p50, direct.p50);
-        let within = skiff_rate >= 1.0 - TARGET_WITHIN_DIRECT
-            && skiff_p50 <= 1.0 + TARGET_WITHIN_DIRECT;
+        let within =
+            skiff_rate >= 1.0 - TARGET_WITHIN_DIRECT && skiff_p50 <= 1.0 + TARGET_WITHIN_DIRECT;
         println!(
-            "    {:<44} {:>9.3} {:>8.3} {:>8.3} {:>6}   target within {:.0}% (conn/s, p50): {}",
+            "    {:<44} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6}   target within {:.0}% (conn/s, \
+             p50): {}",
             "skiff / direct",
             skiff_rate,
+            rate(skiff.overall_rate, direct.overall_rate),
             skiff_p50,
             time(skiff.p99, direct.p99),
             "",
             TARGET_WITHIN_DIRECT * 100.0,
             verdict(within)
         );
-        let over_iptables = rate(&skiff, &ipt);
+        let over_iptables = rate(skiff.connections_per_second, ipt.connections_per_second);
         let target = if result.services == TARGET_SCALE {
             format!(
-                "   target conn/s >= {TARGET_OVER_IPTABLES}x at {} Services: {}",
-                grouped(TARGET_SCALE),
+                "   target conn/s >= {TARGET_OVER_IPTABLES}x: {}",
                 verdict(over_iptables >= TARGET_OVER_IPTABLES)
             )
         } else {
             String::new()
         };
         println!(
-            "    {:<44} {:>9.3} {:>8.3} {:>8.3} {:>6}{target}",
+            "    {:<44} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6}{target}",
             "skiff / iptables (conn/s: higher is better)",
             over_iptables,
+            rate(skiff.overall_rate, ipt.overall_rate),
             time(skiff.p50, ipt.p50),
             time(skiff.p99, ipt.p99),
             ""
@@ -1309,7 +1865,7 @@ fn report(
         "programming N Services x {BACKENDS} endpoints into empty maps / tables (one run each)"
     );
     println!(
-        "  {:<16} {:>14} {:>26} {:>10}",
+        "  {:<16} {:>12} {:>22} {:>9}",
         "", "skiff ms", "iptables-restore ms", "ratio"
     );
     for result in results.iter() {
@@ -1326,41 +1882,103 @@ fn report(
             String::new()
         };
         println!(
-            "  {:<16} {:>14.1} {:>26.1} {:>9.1}x{target}",
+            "  {:<16} {:>12.1} {:>22.1} {:>8.1}x{target}",
             services_label(result.services),
             ms(result.skiff_program),
             ms(result.iptables_program),
             ratio
         );
     }
+    let desired: Vec<String> = results
+        .iter()
+        .map(|r| format!("{:.1} ms at {}", ms(r.skiff_desired), grouped(r.services)))
+        .collect();
     println!(
-        "  skiff: Programmer::apply_all of the frontends (computing them from the Service and \
-         EndpointSlice objects took {} more); iptables: {} --noflush of kube-proxy's sync ({} \
-         rules at the largest scale), process start to exit, after its startup chains",
-        results
-            .iter()
-            .map(|r| format!("{:.1} ms at {}", ms(r.skiff_desired), grouped(r.services)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        iptables.restore_binary(),
-        results.last().map_or(0, |r| r.iptables_rules)
+        "  skiff: Programmer::apply_all of the frontends into fresh maps (computing them from \
+         the Service and EndpointSlice objects took {} more)",
+        desired.join(", ")
     );
+    let rules = results.last().map_or(0, |r| r.iptables_rules);
+    if args.noflush {
+        println!(
+            "  iptables: {} -w 5 -W 100000 --noflush --counters of kube-proxy's sync after its \
+             startup chains, as kube-proxy runs it; process start to exit ({} rules at the \
+             last scale)",
+            iptables.restore_binary(),
+            grouped(rules)
+        );
+    } else {
+        println!(
+            "  iptables: one {} of kube-proxy's startup chains and sync together ({} rules at \
+             the last scale), process start to exit; kube-proxy itself restores with \
+             --noflush, which iptables-nft 1.8.9 does in quadratic time (--noflush to time it)",
+            iptables.restore_binary(),
+            grouped(rules)
+        );
+    }
     if !results.iter().any(|r| r.services == TARGET_SCALE) {
         println!(
-            "  (the targets apply at {} Services, not among --scales)",
+            "  (the ratio and programming targets apply at {} Services, not among --scales)",
             grouped(TARGET_SCALE)
         );
     }
 
     println!();
-    println!(
-        "EndpointSlice change -> skiff's maps, p99: not measured yet   target < 50 ms: -"
-    );
-    if !failures.is_empty() {
+    match changes {
+        None => println!("EndpointSlice change -> skiff's maps: not measured (--changes 0)"),
+        Some(mut changes) => {
+            changes.write.sort();
+            changes.maps.sort();
+            println!(
+                "EndpointSlice change -> skiff's maps: {} Services in skiff-control, the agent's \
+                 sync loop (skiff_agent::lb::sync::run) on fresh maps; each change replaces a \
+                 slice without one of its endpoints, timed from the API request",
+                grouped(changes.services)
+            );
+            println!(
+                "  {:<46} {:>8} {:>8} {:>8} {:>6}",
+                "", "p50 ms", "p99 ms", "max ms", "n"
+            );
+            let max = |values: &[Duration]| values.last().copied().unwrap_or_default();
+            println!(
+                "  {:<46} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+                "API server answered the write",
+                ms(percentile(&changes.write, 50.0)),
+                ms(percentile(&changes.write, 99.0)),
+                ms(max(&changes.write)),
+                changes.write.len()
+            );
+            let p99 = percentile(&changes.maps, 99.0);
+            println!(
+                "  {:<46} {:>8.2} {:>8.2} {:>8.2} {:>6}   target p99 < {} ms: {}",
+                "the services map holds the new endpoints",
+                ms(percentile(&changes.maps, 50.0)),
+                ms(p99),
+                ms(max(&changes.maps)),
+                changes.maps.len(),
+                TARGET_CHANGE_P99.as_millis(),
+                verdict(changes.timeouts == 0 && p99 < TARGET_CHANGE_P99)
+            );
+            println!(
+                "  (the sync loop's first list of the {} Services reached the maps in {:.0} ms; \
+                 the map is polled every 0.1 ms)",
+                grouped(changes.services),
+                ms(changes.initial_sync)
+            );
+            if changes.timeouts > 0 {
+                problems.push(format!(
+                    "{} EndpointSlice changes not in the maps after {} s",
+                    changes.timeouts,
+                    CHANGE_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
         println!();
         println!("problems:");
-        for failure in &failures {
-            println!("  {failure}");
+        for problem in &problems {
+            println!("  {problem}");
         }
     }
     println!();
@@ -1410,10 +2028,31 @@ mod tests {
     }
 
     #[test]
+    fn merged_restore_file_has_each_table_once() {
+        let merged = merge_restore_files(&[&kube_proxy_base_rules(), &kube_proxy_sync_rules(2)]);
+        assert_eq!(merged.matches("*nat\n").count(), 1);
+        assert_eq!(merged.matches("*filter\n").count(), 1);
+        assert_eq!(merged.matches(":KUBE-SERVICES - [0:0]").count(), 2);
+        assert_eq!(merged.matches(":KUBE-POSTROUTING - [0:0]").count(), 1);
+        let nat = &merged[merged.find("*nat").unwrap()..];
+        let last_declaration = nat.rfind("\n:").unwrap();
+        assert!(last_declaration < nat.find("\n-A OUTPUT").unwrap());
+        assert!(nat.find("\n-A OUTPUT").unwrap() < nat.find("\n-A KUBE-SERVICES").unwrap());
+    }
+
+    #[test]
     fn client_output_round_trips() {
-        let parsed =
-            parse_client_output("wall_ns 2000\nfailures 1\nerror boom\nbackends 1 0 1 0\n5\n7\n")
-                .unwrap();
+        let batch = Measured {
+            wall: Duration::from_nanos(2000),
+            latencies: vec![Duration::from_nanos(5), Duration::from_nanos(7)],
+            failures: 1,
+            first_error: Some("connect to 10.96.0.10:80: boom".into()),
+            per_backend: [1, 0, 1, 0],
+            batch_rates: Vec::new(),
+        };
+        let text = format_batch(&batch);
+        let parsed = parse_batch(&mut text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        assert_eq!(parsed.first_error, batch.first_error);
         assert_eq!(parsed.wall, Duration::from_nanos(2000));
         assert_eq!(parsed.failures, 1);
         assert_eq!(parsed.per_backend, [1, 0, 1, 0]);
