@@ -292,15 +292,20 @@ fn start_service_lb(
     // NodePorts from outside: a failure here leaves the socket side serving.
     match nodeport_interfaces(&config.nodeport_interfaces, node_ip) {
         Ok(interfaces) if interfaces.is_empty() => {
-            tracing::info!("no interface for NodePorts from outside the node (--nodeport-interfaces)");
+            tracing::info!(
+                "no interface for NodePorts from outside the node (--nodeport-interfaces)"
+            );
         }
         Ok(interfaces) => {
             let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-            let attached = crate::lb::tc::TcDatapath::load(&config.bpffs_dir, config.lb_max_connections)
-                .and_then(|mut tc| tc.attach(None, &names));
+            let attached =
+                crate::lb::tc::TcDatapath::load(&config.bpffs_dir, config.lb_max_connections)
+                    .and_then(|mut tc| tc.attach(None, &names));
             match attached {
                 Ok(()) => tracing::info!(interfaces = ?names, "NodePort programs attached"),
-                Err(error) => tracing::error!(%error, "NodePort programs not attached; NodePorts answer only from this node"),
+                Err(error) => {
+                    tracing::error!(%error, "NodePort programs not attached; NodePorts answer only from this node")
+                }
             }
         }
         Err(error) => tracing::error!(error = format!("{error:#}"), "NodePort interfaces"),
@@ -332,7 +337,11 @@ fn nodeport_interfaces(flag: &str, node_ip: IpAddr) -> anyhow::Result<Vec<String
             names.dedup();
             Ok(names)
         }
-        list => Ok(list.split(',').map(|name| name.trim().to_owned()).filter(|name| !name.is_empty()).collect()),
+        list => Ok(list
+            .split(',')
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect()),
     }
 }
 

@@ -40,7 +40,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the static binary test images are built from",
     ),
-    ("clang", "compiles the eBPF programs in ebpf/ (`-target bpf`)"),
+    (
+        "clang",
+        "compiles the eBPF programs in ebpf/ (`-target bpf`)",
+    ),
     ("libbpf-dev", "`bpf/bpf_helpers.h` for the eBPF programs"),
     (
         "bpftool",
