@@ -1,7 +1,9 @@
-//! The four `bpf()` commands that aya 0.13 has no public API for with socket-address
-//! programs: a cgroup link that outlives the agent must be created as a link, pinned, found
-//! again after a restart, and pointed at the new program (`BPF_LINK_UPDATE`), atomically.
-//! aya creates such links but neither exposes their descriptor nor pins them.
+//! The `bpf()` commands that aya 0.13 has no public API for: a cgroup link for a
+//! socket-address program that outlives the agent must be created as a link, pinned, found
+//! again after a restart, and pointed at the new program (`BPF_LINK_UPDATE`), atomically
+//! (aya creates such links but neither exposes their descriptor nor pins them); and
+//! `BPF_MAP_UPDATE_BATCH`, which writes thousands of entries in one call when a node
+//! programs every Service at once.
 #![allow(
     unsafe_code,
     reason = "raw bpf() syscalls; each call says why it is sound"
@@ -15,6 +17,7 @@ use std::path::Path;
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -36,15 +39,16 @@ struct Attr {
     words: [u32; 16],
 }
 
-fn bpf(command: libc::c_long, attr: &Attr) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialized buffer of `size_of::<Attr>()` bytes laid out as
-    // the command's member of `union bpf_attr`; the kernel only reads it for these commands
-    // (pathname is read through the pointer the caller keeps alive for the call).
+fn bpf(command: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, initialized, writable buffer of `size_of::<Attr>()` bytes
+    // laid out as the command's member of `union bpf_attr`; the kernel reads it (and for
+    // batches writes back `count`), and reads through the pointers in it, which the callers
+    // keep alive and correctly sized for the call.
     let result = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             command,
-            attr as *const Attr,
+            attr as *mut Attr,
             std::mem::size_of::<Attr>(),
         )
     };
@@ -77,7 +81,7 @@ pub fn cgroup_link_create(
     attr.words[0] = program.as_raw_fd() as u32;
     attr.words[1] = cgroup.as_raw_fd() as u32;
     attr.words[2] = attach_type as u32;
-    bpf(BPF_LINK_CREATE, &attr).map(owned_fd)
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned_fd)
 }
 
 /// `BPF_LINK_UPDATE`: the link runs `program` from now on, with no moment without one.
@@ -85,7 +89,7 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     let mut attr = Attr::default();
     attr.words[0] = link.as_raw_fd() as u32;
     attr.words[1] = program.as_raw_fd() as u32;
-    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 /// `BPF_OBJ_PIN` of any bpf object descriptor at `path` on a bpffs.
@@ -96,7 +100,7 @@ pub fn obj_pin(object: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr.words[0] = pointer as u32;
     attr.words[1] = (pointer >> 32) as u32;
     attr.words[2] = object.as_raw_fd() as u32;
-    bpf(BPF_OBJ_PIN, &attr).map(drop)
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 /// `BPF_OBJ_GET`: a descriptor for the object pinned at `path`.
@@ -106,5 +110,38 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let pointer = path.as_ptr() as u64;
     attr.words[0] = pointer as u32;
     attr.words[1] = (pointer >> 32) as u32;
-    bpf(BPF_OBJ_GET, &attr).map(owned_fd)
+    bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: writes `keys[i] → values[i]` into the map, in order, in one call.
+/// On failure, says how many were written before the error (those stay written).
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count = u32::try_from(keys.len()).map_err(|_| {
+        (
+            0,
+            io::Error::new(io::ErrorKind::InvalidInput, "batch too large"),
+        )
+    })?;
+    let mut attr = Attr::default();
+    let keys_pointer = keys.as_ptr() as u64;
+    let values_pointer = values.as_ptr() as u64;
+    attr.words[4] = keys_pointer as u32;
+    attr.words[5] = (keys_pointer >> 32) as u32;
+    attr.words[6] = values_pointer as u32;
+    attr.words[7] = (values_pointer >> 32) as u32;
+    attr.words[8] = count;
+    attr.words[9] = map.as_raw_fd() as u32;
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        // The kernel leaves in `count` how many entries it wrote.
+        Err(error) => Err((attr.words[8] as usize, error)),
+    }
 }

@@ -364,7 +364,7 @@ fn ten_thousand_services_with_four_endpoints_each_fit_and_work() {
     let started = std::time::Instant::now();
     let stats = setup
         .programmer
-        .apply_all(frontends)
+        .apply_all(frontends.clone())
         .expect("program 10 000 services");
     eprintln!(
         "programmed 10 000 services x 4 endpoints in {:?}: {stats:?}",
@@ -373,6 +373,23 @@ fn ten_thousand_services_with_four_endpoints_each_fit_and_work() {
     assert_eq!(
         (stats.frontends_added, stats.backends_added),
         (10_000, 40_000)
+    );
+    // Written in batches: the maps hold exactly the desired state.
+    let snapshot = skiff_agent::lb::inspect::read(setup.bpffs.path()).expect("read the maps");
+    assert!(
+        snapshot.problems.is_empty(),
+        "{:?}",
+        snapshot.problems.first()
+    );
+    let differences = skiff_agent::lb::inspect::compare(&frontends, &snapshot.frontends);
+    assert!(differences.is_empty(), "{:?}", differences.first());
+    // And a second apply of the same state writes nothing.
+    assert!(
+        setup
+            .programmer
+            .apply_all(frontends)
+            .expect("apply again")
+            .is_noop()
     );
     for index in [0u32, 4_999, 9_999] {
         let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + index);

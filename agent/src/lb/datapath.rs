@@ -58,6 +58,35 @@ pub struct Maps {
     pub names: HashMap<MapData, u16, Lb4FrontendName>,
     pub stats: PerCpuArray<MapData, LbBackendStats>,
     pub sizes: MapSizes,
+    /// Descriptors of the same maps for batch writes (aya's typed maps keep theirs private).
+    pub batch: BatchFds,
+}
+
+/// Second descriptors of the maps the programmer writes in batches.
+pub struct BatchFds {
+    pub services: std::os::fd::OwnedFd,
+    pub backends: std::os::fd::OwnedFd,
+    pub revnat: std::os::fd::OwnedFd,
+    pub names: std::os::fd::OwnedFd,
+}
+
+impl BatchFds {
+    fn open(bpffs_dir: &Path) -> Result<Self, LbError> {
+        let open = |name: &str| {
+            let path = bpffs_dir.join(name);
+            sys::obj_get(&path).map_err(|source| LbError::Io {
+                call: "open pinned map",
+                path,
+                source,
+            })
+        };
+        Ok(Self {
+            services: open(SERVICES_MAP)?,
+            backends: open(BACKENDS_MAP)?,
+            revnat: open(REVNAT_MAP)?,
+            names: open(NAMES_MAP)?,
+        })
+    }
 }
 
 /// The loaded socket programs and their maps.
@@ -425,6 +454,7 @@ fn take_maps(ebpf: &mut Ebpf, bpffs_dir: &Path, configured: &MapSizes) -> Result
         names,
         stats,
         sizes,
+        batch: BatchFds::open(bpffs_dir)?,
     })
 }
 

@@ -26,6 +26,9 @@ use super::LbError;
 use super::datapath::{Datapath, Maps};
 use super::desired::{Backend, Frontend, FrontendKey, FrontendKind, Proto, Scope};
 
+/// Below this many new frontends, batch writes are not worth their bookkeeping.
+const BULK_MIN: usize = 16;
+
 /// A Service, `(namespace, name)`.
 pub type ServiceName = (String, String);
 
@@ -288,8 +291,30 @@ impl Programmer {
         for programmed in self.frontends.values() {
             self.by_service.entry(programmed.owner.clone()).or_default();
         }
+        // New frontends go in a few batch writes (a node programming every Service at
+        // start); what does not fit or fails goes one frontend at a time below, which names
+        // what was left out.
+        let mut seen = HashSet::with_capacity(frontends.len());
+        let (mut new, rest): (Vec<Frontend>, Vec<Frontend>) =
+            frontends.into_iter().partition(|frontend| {
+                !self.frontends.contains_key(&frontend.key) && seen.insert(frontend.key)
+            });
+        if new.len() >= BULK_MIN && self.fits(&new) {
+            match self.create_bulk(&new) {
+                Ok(created) => {
+                    stats.add(created);
+                    for frontend in new.drain(..) {
+                        let owner = (frontend.service.namespace, frontend.service.name);
+                        self.by_service.entry(owner).or_default().push(frontend.key);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "batch programming failed; one frontend at a time")
+                }
+            }
+        }
         let mut first_error = None;
-        for frontend in frontends {
+        for frontend in new.into_iter().chain(rest) {
             let owner = (
                 frontend.service.namespace.clone(),
                 frontend.service.name.clone(),
@@ -670,6 +695,167 @@ impl Programmer {
             },
         );
         Ok(stats)
+    }
+
+    /// Whether `frontends` (all new) fit in the maps beside what they hold.
+    fn fits(&self, frontends: &[Frontend]) -> bool {
+        let held: usize = self
+            .frontends
+            .values()
+            .map(|programmed| 1 + programmed.slots.len())
+            .sum();
+        let backends: usize = frontends
+            .iter()
+            .map(|frontend| frontend.backends.len())
+            .sum();
+        let needed = frontends.len() + backends;
+        let free_backend_ids = self.backend_ids.free.len()
+            + (self.backend_ids.limit.saturating_sub(self.backend_ids.next)) as usize;
+        let free_rev_nat_ids = self.rev_nat_ids.free.len()
+            + (self.rev_nat_ids.limit.saturating_sub(self.rev_nat_ids.next)) as usize;
+        held + needed <= self.maps.sizes.services as usize
+            && backends <= free_backend_ids
+            && frontends.len() <= free_rev_nat_ids
+    }
+
+    /// Creates many new frontends with one batch write per map, in the same order as
+    /// [`Programmer::create`]: backends, slots, reverse-NAT entries and names, and the
+    /// service entries last. On failure everything written is removed and the ids freed.
+    fn create_bulk(&mut self, frontends: &[Frontend]) -> Result<ApplyStats, LbError> {
+        let mut programmed = Vec::with_capacity(frontends.len());
+        let mut backend_keys = Vec::new();
+        let mut backend_values = Vec::new();
+        let mut slot_keys = Vec::new();
+        let mut slot_values = Vec::new();
+        let mut indexes = Vec::with_capacity(frontends.len());
+        let mut revnat_values = Vec::with_capacity(frontends.len());
+        let mut name_values = Vec::with_capacity(frontends.len());
+        let mut entry_keys = Vec::with_capacity(frontends.len());
+        let mut entry_values = Vec::with_capacity(frontends.len());
+        for frontend in frontends {
+            let name = name_of(frontend);
+            let proto = frontend.key.proto.number();
+            let base_key = map_key(&frontend.key, 0);
+            let Some(rev_nat_index) = self
+                .rev_nat_ids
+                .allocate()
+                .and_then(|id| u16::try_from(id).ok())
+            else {
+                self.undo_bulk(&backend_keys, &slot_keys, &indexes);
+                return Err(LbError::Datapath(
+                    "frontend ids ran out during a batch".into(),
+                ));
+            };
+            indexes.push(rev_nat_index);
+            let mut slots: Vec<Slot> = Vec::with_capacity(frontend.backends.len());
+            for backend in &frontend.backends {
+                let value = backend_value(backend, proto);
+                if slots.iter().any(|slot| {
+                    slot.backend
+                        .is_some_and(|b| (b.address, b.port) == (value.address, value.port))
+                }) {
+                    continue;
+                }
+                let Some(backend_id) = self.backend_ids.allocate() else {
+                    self.undo_bulk(&backend_keys, &slot_keys, &indexes);
+                    return Err(LbError::Datapath(
+                        "backend ids ran out during a batch".into(),
+                    ));
+                };
+                backend_keys.push(backend_id);
+                backend_values.push(value);
+                slots.push(Slot {
+                    backend_id,
+                    backend: Some(value),
+                });
+                slot_keys.push(base_key.with_slot(slot_number(slots.len() - 1)));
+                slot_values.push(Lb4Service {
+                    backend_id,
+                    ..Lb4Service::default()
+                });
+            }
+            let entry = Lb4Service {
+                backend_id: 0,
+                count: u16::try_from(slots.len()).unwrap_or(u16::MAX),
+                rev_nat_index,
+                affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
+                flags: flags_of(frontend),
+                pad: [0; 3],
+            };
+            revnat_values.push(Lb4ReverseNat::new(frontend.key.address, frontend.key.port));
+            name_values.push(Lb4FrontendName::new(&name));
+            entry_keys.push(base_key);
+            entry_values.push(entry);
+            programmed.push((
+                frontend.key,
+                Programmed {
+                    rev_nat_index,
+                    entry,
+                    owner: owner_of(&name),
+                    name,
+                    slots,
+                },
+            ));
+        }
+        use std::os::fd::AsFd as _;
+        let batch = &self.maps.batch;
+        let written = skiff_ebpf::sys::map_update_batch(
+            batch.backends.as_fd(),
+            &backend_keys,
+            &backend_values,
+        )
+        .map_err(|error| (BACKENDS_MAP, error))
+        .and_then(|()| {
+            skiff_ebpf::sys::map_update_batch(batch.services.as_fd(), &slot_keys, &slot_values)
+                .map_err(|error| (SERVICES_MAP, error))
+        })
+        .and_then(|()| {
+            skiff_ebpf::sys::map_update_batch(batch.revnat.as_fd(), &indexes, &revnat_values)
+                .map_err(|error| (REVNAT_MAP, error))
+        })
+        .and_then(|()| {
+            skiff_ebpf::sys::map_update_batch(batch.names.as_fd(), &indexes, &name_values)
+                .map_err(|error| (NAMES_MAP, error))
+        })
+        .and_then(|()| {
+            skiff_ebpf::sys::map_update_batch(batch.services.as_fd(), &entry_keys, &entry_values)
+                .map_err(|error| (SERVICES_MAP, error))
+        });
+        if let Err((map, (_, source))) = written {
+            for key in &entry_keys {
+                let _ = self.maps.services.remove(key);
+            }
+            self.undo_bulk(&backend_keys, &slot_keys, &indexes);
+            return Err(LbError::Io {
+                call: "BPF_MAP_UPDATE_BATCH",
+                path: map.into(),
+                source,
+            });
+        }
+        let stats = ApplyStats {
+            frontends_added: programmed.len(),
+            backends_added: backend_keys.len(),
+            map_writes: backend_keys.len() + slot_keys.len() + 3 * indexes.len(),
+            ..ApplyStats::default()
+        };
+        self.frontends.extend(programmed);
+        Ok(stats)
+    }
+
+    /// Removes what a failed batch may have written and frees its ids.
+    fn undo_bulk(&mut self, backend_ids: &[u32], slot_keys: &[Lb4Key], rev_nat_indexes: &[u16]) {
+        for key in slot_keys {
+            let _ = self.maps.services.remove(key);
+        }
+        for &backend_id in backend_ids {
+            // A service entry of the batch may have been reachable for a moment.
+            let _ = self.free_backend(backend_id);
+        }
+        for index in rev_nat_indexes {
+            let _ = self.maps.revnat.remove(index);
+            let _ = self.maps.names.remove(index);
+            self.rev_nat_ids.release(u32::from(*index));
+        }
     }
 
     fn new_backend(
