@@ -304,6 +304,57 @@ pub const TC_MAPS: [&str; 5] = [
     CT_MAP,
 ];
 
+/// Every map the socket object pins.
+pub const SOCK_MAPS: [&str; 8] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REVNAT_MAP,
+    REVERSE_SK_MAP,
+    AFFINITY_MAP,
+    BACKEND_STATS_MAP,
+    NAMES_MAP,
+    SK_FORWARD_MAP,
+];
+
+/// Key and value sizes of every pinned map as this build lays them out. A pin with other
+/// sizes was made by another build; reusing it would make the programs read garbage (aya
+/// reuses a pin by name without comparing).
+pub const MAP_LAYOUTS: [(&str, usize, usize); 9] = [
+    (SERVICES_MAP, size_of::<Lb4Key>(), size_of::<Lb4Service>()),
+    (BACKENDS_MAP, size_of::<u32>(), size_of::<Lb4Backend>()),
+    (REVNAT_MAP, size_of::<u16>(), size_of::<Lb4ReverseNat>()),
+    (NAMES_MAP, size_of::<u16>(), size_of::<Lb4FrontendName>()),
+    (
+        REVERSE_SK_MAP,
+        size_of::<Lb4ReverseSkKey>(),
+        size_of::<Lb4ReverseSkValue>(),
+    ),
+    (
+        SK_FORWARD_MAP,
+        size_of::<Lb4ReverseSkKey>(),
+        size_of::<Lb4SkBackend>(),
+    ),
+    (
+        AFFINITY_MAP,
+        size_of::<LbAffinityKey>(),
+        size_of::<LbAffinityValue>(),
+    ),
+    (
+        BACKEND_STATS_MAP,
+        size_of::<u32>(),
+        size_of::<LbBackendStats>(),
+    ),
+    (CT_MAP, size_of::<Ct4Key>(), size_of::<Ct4Value>()),
+];
+
+/// The key and value sizes of the map `name`, from [`MAP_LAYOUTS`].
+pub fn map_layout(name: &str) -> Option<(usize, usize)> {
+    MAP_LAYOUTS
+        .iter()
+        .find(|(map, _, _)| *map == name)
+        .map(|&(_, key_size, value_size)| (key_size, value_size))
+}
+
 /// `ct4`'s default size (`LB_MAX_CT`); a SNATed flow takes two entries.
 pub const CT_DEFAULT_MAX_ENTRIES: u32 = 262_144;
 
@@ -411,19 +462,7 @@ mod tests {
     #[test]
     fn the_socket_object_has_btf_maps_and_programs() {
         let object = aya_obj_names(SOCK_OBJECT_FOR_TEST);
-        for name in [
-            SERVICES_MAP,
-            BACKENDS_MAP,
-            REVNAT_MAP,
-            REVERSE_SK_MAP,
-            AFFINITY_MAP,
-            BACKEND_STATS_MAP,
-            NAMES_MAP,
-            SK_FORWARD_MAP,
-        ]
-        .into_iter()
-        .chain(SOCK_PROGRAMS)
-        {
+        for name in SOCK_MAPS.into_iter().chain(SOCK_PROGRAMS) {
             assert!(object.contains(name), "{name} missing from sock.o");
         }
     }

@@ -15,7 +15,7 @@ use aya::{Ebpf, EbpfLoader};
 use skiff_ebpf::lb::{
     AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, Lb4Backend, Lb4FrontendName, Lb4Key,
     Lb4ReverseNat, Lb4Service, LbBackendStats, NAMES_MAP, REVERSE_SK_MAP, REVNAT_MAP, SERVICES_MAP,
-    SK_FORWARD_MAP, SOCK_PROGRAMS,
+    SK_FORWARD_MAP, SOCK_MAPS, SOCK_PROGRAMS,
 };
 use skiff_ebpf::sys::{self, SockAddrAttachType};
 
@@ -276,44 +276,13 @@ impl Datapath {
     }
 }
 
-/// Key and value sizes of the pinned maps, as this build lays them out.
-fn expected_layouts() -> [(&'static str, usize, usize); 8] {
-    use skiff_ebpf::lb::{
-        Lb4ReverseSkKey, Lb4ReverseSkValue, Lb4SkBackend, LbAffinityKey, LbAffinityValue,
-    };
-    use std::mem::size_of;
-    [
-        (SERVICES_MAP, size_of::<Lb4Key>(), size_of::<Lb4Service>()),
-        (BACKENDS_MAP, size_of::<u32>(), size_of::<Lb4Backend>()),
-        (REVNAT_MAP, size_of::<u16>(), size_of::<Lb4ReverseNat>()),
-        (NAMES_MAP, size_of::<u16>(), size_of::<Lb4FrontendName>()),
-        (
-            REVERSE_SK_MAP,
-            size_of::<Lb4ReverseSkKey>(),
-            size_of::<Lb4ReverseSkValue>(),
-        ),
-        (
-            SK_FORWARD_MAP,
-            size_of::<Lb4ReverseSkKey>(),
-            size_of::<Lb4SkBackend>(),
-        ),
-        (
-            AFFINITY_MAP,
-            size_of::<LbAffinityKey>(),
-            size_of::<LbAffinityValue>(),
-        ),
-        (
-            BACKEND_STATS_MAP,
-            size_of::<u32>(),
-            size_of::<LbBackendStats>(),
-        ),
-    ]
-}
-
 /// Refuses pins left by a build with other map layouts: reusing them would make the
 /// programs read garbage. (aya reuses a pin by name without comparing.)
 fn check_pinned_layouts(bpffs_dir: &Path) -> Result<(), LbError> {
-    for (name, key_size, value_size) in expected_layouts() {
+    for name in SOCK_MAPS {
+        let Some((key_size, value_size)) = skiff_ebpf::lb::map_layout(name) else {
+            continue;
+        };
         let path = bpffs_dir.join(name);
         if !path.exists() {
             continue;
@@ -378,7 +347,7 @@ pub fn remove_pins(bpffs_dir: &Path) -> Result<(), LbError> {
         }
         let _ = fs::remove_dir(&links);
     }
-    for name in MAP_NAMES {
+    for name in SOCK_MAPS {
         let path = bpffs_dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -394,18 +363,6 @@ pub fn remove_pins(bpffs_dir: &Path) -> Result<(), LbError> {
     }
     Ok(())
 }
-
-/// Every map the socket object pins.
-pub const MAP_NAMES: [&str; 8] = [
-    SERVICES_MAP,
-    BACKENDS_MAP,
-    REVNAT_MAP,
-    REVERSE_SK_MAP,
-    AFFINITY_MAP,
-    BACKEND_STATS_MAP,
-    NAMES_MAP,
-    SK_FORWARD_MAP,
-];
 
 const ATTACH_TYPES: [SockAddrAttachType; 4] = [
     SockAddrAttachType::Connect4,

@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io;
-use std::mem::size_of;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -26,11 +25,7 @@ use aya::programs::tc::{self, SchedClassifierLink};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use nix::sched::CloneFlags;
-use skiff_ebpf::lb::{
-    AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CT_MAP, Ct4Key, Ct4Value, Lb4Backend, Lb4Key,
-    Lb4Service, LbAffinityKey, LbAffinityValue, LbBackendStats, SERVICES_MAP, TC_EGRESS_PROGRAM,
-    TC_INGRESS_PROGRAM,
-};
+use skiff_ebpf::lb::{CT_MAP, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM};
 
 /// Where on an interface a program runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,23 +145,6 @@ impl std::fmt::Debug for TcDatapath {
     }
 }
 
-/// Key and value sizes of the maps `tc.o` shares, from the Rust mirrors of `lb.h`.
-const MAP_LAYOUTS: [(&str, usize, usize); 5] = [
-    (SERVICES_MAP, size_of::<Lb4Key>(), size_of::<Lb4Service>()),
-    (BACKENDS_MAP, size_of::<u32>(), size_of::<Lb4Backend>()),
-    (
-        AFFINITY_MAP,
-        size_of::<LbAffinityKey>(),
-        size_of::<LbAffinityValue>(),
-    ),
-    (
-        BACKEND_STATS_MAP,
-        size_of::<u32>(),
-        size_of::<LbBackendStats>(),
-    ),
-    (CT_MAP, size_of::<Ct4Key>(), size_of::<Ct4Value>()),
-];
-
 impl TcDatapath {
     /// Loads `tc.o` with its maps pinned by name under `bpffs_dir`: maps already pinned
     /// there (by the socket datapath, or by an earlier agent) are reused with their size,
@@ -176,7 +154,10 @@ impl TcDatapath {
     pub fn load(bpffs_dir: &Path, ct_max_entries: u32) -> Result<TcDatapath, TcError> {
         let mut loader = EbpfLoader::new();
         loader.map_pin_path(bpffs_dir);
-        for (name, key_size, value_size) in MAP_LAYOUTS {
+        for name in skiff_ebpf::lb::TC_MAPS {
+            let Some((key_size, value_size)) = skiff_ebpf::lb::map_layout(name) else {
+                continue;
+            };
             let path = bpffs_dir.join(name);
             if !path.exists() {
                 if name == CT_MAP {
