@@ -148,10 +148,10 @@ fn tcp_and_udp_reach_every_backend_evenly_and_see_the_service_address() {
     );
 
     let udp_service = SocketAddr::from((SERVICE_IP, 53));
-    let udp = spread(&setup.client(udp_service, "udp", 600), udp_service);
+    let udp = spread(&setup.client(udp_service, "udp", 3000), udp_service);
     assert!(
         roughly_even(&udp, 3),
-        "600 UDP exchanges not spread evenly: {udp:?}"
+        "3000 UDP exchanges not spread evenly: {udp:?}"
     );
 
     // The programmer reads back what it wrote: applying the same state writes nothing.
