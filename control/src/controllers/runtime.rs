@@ -57,7 +57,7 @@ where
         let (store, mut writer) = reflector::store::<K>();
         let subscribers: Arc<Mutex<Vec<mpsc::UnboundedSender<Change<K>>>>> = Arc::default();
         let cache = Self {
-            store,
+            store: store.clone(),
             subscribers: subscribers.clone(),
         };
         let task = async move {
@@ -74,7 +74,13 @@ where
                 };
                 writer.apply_watcher_event(&event);
                 let change = match event {
-                    watcher::Event::Apply(object) => Change::Applied(Arc::new(object)),
+                    // The store's own copy, shared: a second copy per event would double
+                    // the memory of every object changed while subscribers catch up.
+                    watcher::Event::Apply(object) => Change::Applied(
+                        store
+                            .get(&ObjectRef::from_obj(&object))
+                            .unwrap_or_else(|| Arc::new(object)),
+                    ),
                     watcher::Event::Delete(object) => Change::Deleted(Arc::new(object)),
                     watcher::Event::InitDone => Change::Resynced,
                     watcher::Event::Init | watcher::Event::InitApply(_) => continue,
