@@ -1,14 +1,19 @@
 //! A pod's sandbox without a pause container: the network, IPC and UTS namespaces the agent
 //! creates itself and keeps alive with bind mounts under its run directory (as `ip netns
 //! add` does), and the pod files containers get as `/etc/hosts`, `/etc/resolv.conf` and
-//! `/etc/hostname` ([`files`]).
+//! `/etc/hostname` ([`files`]). A `hostNetwork` pod's sandbox holds only the IPC namespace:
+//! its containers share the node's network and UTS namespaces ([`create_with`]).
 //!
 //! Layout under the run directory, one directory per pod:
 //!
 //! ```text
+//! <run_dir>/pods/<pod uid>/namespaces         the kinds the sandbox owns, one a line
 //! <run_dir>/pods/<pod uid>/ns/{net,ipc,uts}   nsfs bind mounts; `ns/` is its own mount point
 //! <run_dir>/pods/<pod uid>/{hosts,resolv.conf,hostname}
 //! ```
+//!
+//! A sandbox directory without a `namespaces` file (made before the file existed) owns all
+//! three.
 //!
 //! The bind mounts outlive the agent, so after a restart [`open`] adopts a sandbox and
 //! [`list`] finds every one, complete or left half-made by a crash, for garbage collection.
@@ -56,6 +61,10 @@ impl Namespace {
         }
     }
 
+    fn from_file_name(name: &str) -> Option<Namespace> {
+        Namespace::ALL.into_iter().find(|ns| ns.file_name() == name)
+    }
+
     fn clone_flag(self) -> CloneFlags {
         match self {
             Namespace::Net => CloneFlags::CLONE_NEWNET,
@@ -85,6 +94,16 @@ pub enum SandboxError {
     MountsRemain { dir: PathBuf, mounts: Vec<String> },
     #[error("spawn namespace thread: {0}")]
     Thread(io::Error),
+    #[error("sandbox of pod {pod_uid}: it must own at least one namespace")]
+    NoNamespaces { pod_uid: String },
+    #[error("sandbox of pod {pod_uid}: {} names unknown namespace {name:?}", path.display())]
+    UnknownNamespace {
+        pod_uid: String,
+        path: PathBuf,
+        name: String,
+    },
+    #[error("sandbox of pod {pod_uid} has no {} namespace of its own", ns.file_name())]
+    NotOwned { pod_uid: String, ns: Namespace },
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
@@ -103,6 +122,9 @@ fn sys_error(what: impl Into<String>) -> impl FnOnce(Errno) -> SandboxError {
 pub struct Sandbox {
     pod_uid: String,
     dir: PathBuf,
+    /// The kinds this sandbox owns, in [`Namespace::ALL`] order; the containers share the
+    /// node's namespace of every other kind.
+    namespaces: Vec<Namespace>,
 }
 
 impl Sandbox {
@@ -110,11 +132,45 @@ impl Sandbox {
         Sandbox {
             pod_uid: pod_uid.to_owned(),
             dir: run_dir.join("pods").join(pod_uid),
+            namespaces: Namespace::ALL.to_vec(),
         }
+    }
+
+    fn with_namespaces(mut self, namespaces: &[Namespace]) -> Sandbox {
+        self.namespaces = Namespace::ALL
+            .into_iter()
+            .filter(|ns| namespaces.contains(ns))
+            .collect();
+        self
     }
 
     pub fn pod_uid(&self) -> &str {
         &self.pod_uid
+    }
+
+    /// The kinds of namespace the sandbox owns, in [`Namespace::ALL`] order.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+
+    /// Whether the pod has a namespace of kind `ns` of its own (else it shares the node's).
+    pub fn owns(&self, ns: Namespace) -> bool {
+        self.namespaces.contains(&ns)
+    }
+
+    /// The bind mount of the pod's own namespace of kind `ns`; `None` when the pod shares
+    /// the node's.
+    pub fn own_namespace_path(&self, ns: Namespace) -> Option<PathBuf> {
+        self.owns(ns).then(|| self.namespace_path(ns))
+    }
+
+    /// The pod's own network namespace, `None` for a `hostNetwork` pod.
+    pub fn own_netns_path(&self) -> Option<PathBuf> {
+        self.own_namespace_path(Namespace::Net)
+    }
+
+    fn namespaces_file(&self) -> PathBuf {
+        self.dir.join("namespaces")
     }
 
     /// The pod's directory, `<run_dir>/pods/<uid>`.
@@ -132,14 +188,17 @@ impl Sandbox {
         self.ns_dir().join(ns.file_name())
     }
 
-    /// The network namespace path, the CNI runtime's `CNI_NETNS`.
+    /// The network namespace path, the CNI runtime's `CNI_NETNS`. Nothing is there when the
+    /// sandbox does not own its network namespace ([`Sandbox::own_netns_path`]).
     pub fn netns_path(&self) -> PathBuf {
         self.namespace_path(Namespace::Net)
     }
 
-    /// The `linux.namespaces` entries that make a container join the pod's namespaces.
+    /// The `linux.namespaces` entries that make a container join the pod's namespaces; a
+    /// kind the sandbox does not own has no entry, so the runtime shares its own (the
+    /// node's).
     pub fn oci_namespaces(&self) -> Vec<LinuxNamespace> {
-        Namespace::ALL
+        self.namespaces
             .iter()
             .map(|&ns| {
                 let mut entry = LinuxNamespace::default();
@@ -165,8 +224,12 @@ impl Sandbox {
         self.dir.join("hostname")
     }
 
-    /// The hostname as the pod's UTS namespace holds it.
+    /// The hostname as the pod's UTS namespace holds it; the node's (the agent's own) when
+    /// the pod shares the node's UTS namespace.
     pub fn hostname(&self) -> Result<String, SandboxError> {
+        if !self.owns(Namespace::Uts) {
+            return node_hostname();
+        }
         let path = self.namespace_path(Namespace::Uts);
         run_in_namespace(&path, Namespace::Uts, nix::unistd::gethostname)?
             .map_err(sys_error(format!("read hostname in {}", path.display())))
@@ -187,6 +250,42 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// The hostname of the UTS namespace the agent runs in: the node's.
+pub fn node_hostname() -> Result<String, SandboxError> {
+    nix::unistd::gethostname()
+        .map_err(sys_error("read the node's hostname"))
+        .map(|name| name.to_string_lossy().into_owned())
+}
+
+/// The text of a sandbox's `namespaces` file.
+fn render_namespaces(namespaces: &[Namespace]) -> String {
+    namespaces
+        .iter()
+        .map(|ns| format!("{}\n", ns.file_name()))
+        .collect()
+}
+
+/// The kinds a sandbox's `namespaces` file names; all three when there is no file (a
+/// sandbox made before the file existed).
+fn read_namespaces(sandbox: &Sandbox) -> Result<Vec<Namespace>, SandboxError> {
+    let path = sandbox.namespaces_file();
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Namespace::ALL.to_vec()),
+        Err(e) => return Err(io_error(format!("read {}", path.display()))(e)),
+    };
+    let mut namespaces = Vec::new();
+    for name in text.split_whitespace() {
+        let ns = Namespace::from_file_name(name).ok_or_else(|| SandboxError::UnknownNamespace {
+            pod_uid: sandbox.pod_uid.clone(),
+            path: path.clone(),
+            name: name.to_owned(),
+        })?;
+        namespaces.push(ns);
+    }
+    Ok(namespaces)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
@@ -240,14 +339,34 @@ fn resolve_run_dir(run_dir: &Path) -> PathBuf {
 /// half-way removes what was made. A sandbox that already exists is an error (adopt it with
 /// [`open`]); the pieces of one a crash left half-made are removed first.
 pub fn create(run_dir: &Path, pod_uid: &str, hostname: &str) -> Result<Sandbox, SandboxError> {
+    create_with(run_dir, pod_uid, hostname, &Namespace::ALL)
+}
+
+/// [`create`] with only the `namespaces` kinds: `hostname` is set (and checked) only when
+/// the UTS namespace is among them, `lo` brought up only when the network one is. The set
+/// is recorded in the sandbox directory before any namespace is made, so [`open`] and
+/// [`remove`] know it after a restart. `&[Namespace::Ipc]` is a `hostNetwork` pod's.
+pub fn create_with(
+    run_dir: &Path,
+    pod_uid: &str,
+    hostname: &str,
+    namespaces: &[Namespace],
+) -> Result<Sandbox, SandboxError> {
     validate_pod_uid(pod_uid)?;
-    validate_hostname(hostname)?;
+    if namespaces.is_empty() {
+        return Err(SandboxError::NoNamespaces {
+            pod_uid: pod_uid.to_owned(),
+        });
+    }
+    if namespaces.contains(&Namespace::Uts) {
+        validate_hostname(hostname)?;
+    }
     fs::create_dir_all(run_dir.join("pods")).map_err(io_error(format!(
         "create directory {}",
         run_dir.join("pods").display()
     )))?;
     let run_dir = resolve_run_dir(run_dir);
-    let sandbox = Sandbox::at(&run_dir, pod_uid);
+    let sandbox = Sandbox::at(&run_dir, pod_uid).with_namespaces(namespaces);
     if fs::symlink_metadata(sandbox.ns_dir()).is_ok() {
         if open(&run_dir, pod_uid)?.is_some() {
             return Err(SandboxError::AlreadyExists {
@@ -278,10 +397,15 @@ fn build(sandbox: &Sandbox, hostname: &str) -> Result<(), SandboxError> {
         "create directory {}",
         sandbox.dir.display()
     )))?;
+    // Before `ns/`, so that whatever exists of the sandbox is read with the right set.
+    write_atomically(
+        &sandbox.namespaces_file(),
+        render_namespaces(&sandbox.namespaces).as_bytes(),
+    )?;
     fs::create_dir(&ns_dir).map_err(io_error(format!("create directory {}", ns_dir.display())))?;
     make_own_shared_mount(&ns_dir)?;
     let mut targets = Vec::new();
-    for ns in Namespace::ALL {
+    for &ns in &sandbox.namespaces {
         let path = sandbox.namespace_path(ns);
         fs::OpenOptions::new()
             .write(true)
@@ -317,7 +441,8 @@ fn make_own_shared_mount(dir: &Path) -> Result<(), SandboxError> {
         .map_err(sys_error(format!("make {} a shared mount", dir.display())))
 }
 
-/// Runs on the dedicated thread: new namespaces, hostname, `lo` up, bind mounts.
+/// Runs on the dedicated thread: new namespaces, hostname (with a UTS namespace), `lo` up
+/// (with a network namespace), bind mounts.
 fn unshare_and_pin(
     pod_uid: &str,
     hostname: &str,
@@ -326,16 +451,23 @@ fn unshare_and_pin(
     let flags = targets.iter().fold(CloneFlags::empty(), |flags, (ns, _)| {
         flags | ns.clone_flag()
     });
+    let kinds: Vec<&str> = targets.iter().map(|(ns, _)| ns.file_name()).collect();
     nix::sched::unshare(flags).map_err(sys_error(format!(
-        "unshare network, IPC and UTS namespaces for pod {pod_uid}"
+        "unshare {} namespaces for pod {pod_uid}",
+        kinds.join(", ")
     )))?;
-    nix::unistd::sethostname(hostname).map_err(sys_error(format!(
-        "set hostname {hostname:?} in the UTS namespace of pod {pod_uid}"
-    )))?;
-    loopback_up().map_err(|reason| SandboxError::Loopback {
-        pod_uid: pod_uid.to_owned(),
-        reason,
-    })?;
+    let owns = |kind: Namespace| targets.iter().any(|(ns, _)| *ns == kind);
+    if owns(Namespace::Uts) {
+        nix::unistd::sethostname(hostname).map_err(sys_error(format!(
+            "set hostname {hostname:?} in the UTS namespace of pod {pod_uid}"
+        )))?;
+    }
+    if owns(Namespace::Net) {
+        loopback_up().map_err(|reason| SandboxError::Loopback {
+            pod_uid: pod_uid.to_owned(),
+            reason,
+        })?;
+    }
     let none = None::<&str>;
     for (ns, target) in targets {
         let source = PathBuf::from("/proc/thread-self/ns").join(ns.file_name());
@@ -383,13 +515,21 @@ pub(crate) fn is_namespace_file(path: &Path) -> Result<bool, SandboxError> {
     }
 }
 
-/// The sandbox of `pod_uid` when all three of its namespaces are pinned, to adopt after an
-/// agent restart; `None` when there is none or only pieces of one (which [`list`] still
-/// reports, for [`remove`]).
+/// The sandbox of `pod_uid` when every namespace it owns (its `namespaces` file; all three
+/// without one) is pinned, to adopt after an agent restart; `None` when there is none or
+/// only pieces of one (which [`list`] still reports, for [`remove`]).
 pub fn open(run_dir: &Path, pod_uid: &str) -> Result<Option<Sandbox>, SandboxError> {
     validate_pod_uid(pod_uid)?;
     let sandbox = Sandbox::at(&resolve_run_dir(run_dir), pod_uid);
-    for ns in Namespace::ALL {
+    if fs::symlink_metadata(sandbox.ns_dir()).is_err() {
+        return Ok(None);
+    }
+    let namespaces = read_namespaces(&sandbox)?;
+    if namespaces.is_empty() {
+        return Ok(None);
+    }
+    let sandbox = sandbox.with_namespaces(&namespaces);
+    for &ns in &sandbox.namespaces {
         if !is_namespace_file(&sandbox.namespace_path(ns))? {
             return Ok(None);
         }
@@ -624,5 +764,75 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
+    }
+
+    #[test]
+    fn a_host_network_sandbox_owns_only_its_ipc_namespace() {
+        let sandbox = Sandbox::at(Path::new("/run/skiff"), "u1").with_namespaces(&[Namespace::Ipc]);
+        assert!(sandbox.owns(Namespace::Ipc));
+        assert!(!sandbox.owns(Namespace::Net));
+        assert_eq!(sandbox.own_netns_path(), None);
+        assert_eq!(
+            sandbox.own_namespace_path(Namespace::Ipc).as_deref(),
+            Some(Path::new("/run/skiff/pods/u1/ns/ipc"))
+        );
+        assert_eq!(
+            serde_json::to_value(sandbox.oci_namespaces()).unwrap(),
+            serde_json::json!([{"type": "ipc", "path": "/run/skiff/pods/u1/ns/ipc"}])
+        );
+        // Without a UTS namespace of its own, the pod's hostname is the node's.
+        assert_eq!(sandbox.hostname().unwrap(), node_hostname().unwrap());
+        // The order is always that of Namespace::ALL.
+        let reordered = Sandbox::at(Path::new("/r"), "u").with_namespaces(&[
+            Namespace::Uts,
+            Namespace::Net,
+            Namespace::Uts,
+        ]);
+        assert_eq!(reordered.namespaces(), [Namespace::Net, Namespace::Uts]);
+    }
+
+    #[test]
+    fn the_namespace_set_is_read_back_from_the_sandbox_directory() {
+        let run_dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::at(run_dir.path(), "u1");
+        // A sandbox from before the file existed owns all three.
+        assert_eq!(read_namespaces(&sandbox).unwrap(), Namespace::ALL);
+        fs::create_dir_all(sandbox.dir()).unwrap();
+        let host_network = sandbox.clone().with_namespaces(&[Namespace::Ipc]);
+        write_atomically(
+            &sandbox.namespaces_file(),
+            render_namespaces(host_network.namespaces()).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(sandbox.namespaces_file()).unwrap(),
+            "ipc\n"
+        );
+        assert_eq!(read_namespaces(&sandbox).unwrap(), [Namespace::Ipc]);
+        // Pieces of a host-network sandbox: listed, not adopted, removed.
+        fs::create_dir_all(sandbox.ns_dir()).unwrap();
+        fs::write(sandbox.namespace_path(Namespace::Ipc), "").unwrap();
+        assert_eq!(list(run_dir.path()).unwrap(), ["u1"]);
+        assert_eq!(open(run_dir.path(), "u1").unwrap(), None);
+        remove(run_dir.path(), "u1").unwrap();
+        assert!(!sandbox.dir().exists());
+
+        fs::create_dir_all(sandbox.dir()).unwrap();
+        fs::write(sandbox.namespaces_file(), "ipc\npid\n").unwrap();
+        let err = read_namespaces(&sandbox).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown namespace \"pid\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_sandbox_needs_a_namespace() {
+        let run_dir = tempfile::tempdir().unwrap();
+        let err = create_with(run_dir.path(), "u1", "h", &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sandbox of pod u1: it must own at least one namespace"
+        );
     }
 }

@@ -83,8 +83,13 @@ pub struct TaskFacts {
 pub struct SandboxFacts {
     pub uid: String,
     pub dir: PathBuf,
-    /// The network namespace's bind mount, when all three namespaces are pinned.
+    /// Every namespace the sandbox owns is pinned.
+    pub complete: bool,
+    /// The network namespace's bind mount, when the sandbox is complete and owns one.
     pub netns: Option<PathBuf>,
+    /// A complete sandbox without a network namespace: a `hostNetwork` pod's, on the
+    /// node's network and with no CNI attachment.
+    pub host_network: bool,
 }
 
 /// A cached CNI attachment (an ADD with no DEL since).
@@ -138,6 +143,8 @@ pub struct PodView {
     /// The pod's addresses: those of `eth0` in the CNI cache.
     pub ips: Vec<String>,
     pub netns: Option<PathBuf>,
+    /// The pod shares the node's network namespace (its sandbox has none of its own).
+    pub host_network: bool,
     pub sandbox_dir: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
     pub memory_current_bytes: Option<u64>,
@@ -284,13 +291,16 @@ fn gather_sandboxes(flags: &NodeFlags) -> Result<Vec<SandboxFacts>, String> {
         .map_err(|e| format!("sandboxes under {}: {e}", run_dir.display()))?;
     let mut sandboxes = Vec::with_capacity(uids.len());
     for uid in uids {
-        let netns = crate::sandbox::open(run_dir, &uid)
-            .map_err(|e| format!("sandbox {uid} under {}: {e}", run_dir.display()))?
-            .map(|sandbox| sandbox.netns_path());
+        let sandbox = crate::sandbox::open(run_dir, &uid)
+            .map_err(|e| format!("sandbox {uid} under {}: {e}", run_dir.display()))?;
         sandboxes.push(SandboxFacts {
             dir: run_dir.join("pods").join(&uid),
             uid,
-            netns,
+            complete: sandbox.is_some(),
+            netns: sandbox.as_ref().and_then(|s| s.own_netns_path()),
+            host_network: sandbox
+                .as_ref()
+                .is_some_and(|s| !s.owns(crate::sandbox::Namespace::Net)),
         });
     }
     Ok(sandboxes)
@@ -401,7 +411,8 @@ pub fn merge(facts: NodeFacts) -> PodsReport {
         let view = pod(&mut pods, &mut seen, &sandbox.uid, Source::Sandbox);
         view.sandbox_dir = Some(sandbox.dir.clone());
         view.netns = sandbox.netns.clone();
-        if sandbox.netns.is_none() {
+        view.host_network = sandbox.host_network;
+        if !sandbox.complete {
             view.problems.push(format!(
                 "the sandbox at {} is incomplete: not all of its namespaces are pinned",
                 sandbox.dir.display()
@@ -443,6 +454,12 @@ pub fn merge(facts: NodeFacts) -> PodsReport {
                 facts.configured_network.as_deref().unwrap_or_default()
             ));
         }
+        if view.host_network {
+            view.problems.push(format!(
+                "the pod is on the node's network, yet network {} holds an attachment for it",
+                attachment.network
+            ));
+        }
         if let (Some(cached), Some(netns)) = (&attachment.netns, &view.netns)
             && cached != netns
         {
@@ -466,7 +483,11 @@ pub fn merge(facts: NodeFacts) -> PodsReport {
 
     let mut pods: Vec<PodView> = pods.into_values().collect();
     for view in &mut pods {
-        let present = seen.get(&view.uid).cloned().unwrap_or_default();
+        let mut present = seen.get(&view.uid).cloned().unwrap_or_default();
+        if view.host_network {
+            // A host-network pod is never attached: no address in the CNI cache is right.
+            present.insert(Source::Network);
+        }
         view.missing = [
             Source::Containers,
             Source::Sandbox,
@@ -587,7 +608,11 @@ pub fn render(report: &PodsReport) -> String {
             ),
             (
                 "netns",
-                table::or_none(pod.netns.as_ref().map(|p| p.display())),
+                if pod.host_network {
+                    "node's (hostNetwork)".to_string()
+                } else {
+                    table::or_none(pod.netns.as_ref().map(|p| p.display()))
+                },
             ),
             (
                 "cgroup",
@@ -732,7 +757,9 @@ mod tests {
         let dir = PathBuf::from(format!("/run/skiff/pods/{uid}"));
         SandboxFacts {
             uid: uid.into(),
+            complete,
             netns: complete.then(|| dir.join("ns/net")),
+            host_network: false,
             dir,
         }
     }
@@ -924,5 +951,44 @@ mod tests {
         };
         assert_eq!(state(Some(odd)), ("unknown".into(), None, None));
         assert_eq!(render(&merge(facts())), "no pods on this node\n");
+    }
+
+    #[test]
+    fn a_host_network_pod_misses_no_network() {
+        let host = SandboxFacts {
+            netns: None,
+            host_network: true,
+            ..sandbox("u1", true)
+        };
+        let report = merge(NodeFacts {
+            containers: Ok(vec![container("u1", "app", 0, running(42))]),
+            sandboxes: Ok(vec![host.clone()]),
+            cgroups: Ok(vec![cgroup("u1", &["app"])]),
+            ..facts()
+        });
+        let pod = &report.pods[0];
+        assert_eq!(pod.missing, []);
+        assert_eq!(pod.problems, Vec::<String>::new());
+        assert!(pod.host_network);
+        assert_eq!(pod.netns, None);
+        let text = render(&report);
+        assert!(text.contains("netns:  node's (hostNetwork)"), "{text}");
+        assert!(!text.contains("MISSING"), "{text}");
+        assert_eq!(
+            serde_json::to_value(&report).unwrap()["pods"][0]["hostNetwork"],
+            true
+        );
+
+        // An attachment for such a pod is a leak of its own.
+        let report = merge(NodeFacts {
+            sandboxes: Ok(vec![host]),
+            attachments: Ok(vec![attachment("u1", "pods", "10.0.0.5")]),
+            ..facts()
+        });
+        assert!(
+            report.pods[0].problems[0].contains("on the node's network"),
+            "{:?}",
+            report.pods[0].problems
+        );
     }
 }

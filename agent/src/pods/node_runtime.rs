@@ -38,12 +38,32 @@ use crate::containerd::{self, Client, runtime_spec_any};
 use crate::events::{EventRecorder, EventType};
 use crate::image::{ImageError, ImageInfo, ImageService, PullPolicy, Reference, RegistryConfig};
 use crate::logs;
-use crate::sandbox::{self, Namespace, files::DnsSettings, files::PodFiles};
+use crate::sandbox::{self, Namespace, files::DnsSettings, files::NodeFiles, files::PodFiles};
 
 /// The OCI runtime containerd runs containers with.
 const RUNTIME: &str = "io.containerd.runc.v2";
 /// How long to wait for a container to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// The node's hosts file, which `hostNetwork` pods get (the kubelet's `etcHostsPath`).
+const NODE_HOSTS_FILE: &str = "/etc/hosts";
+
+/// Whether the pod shares the node's network (and UTS) namespace.
+fn host_network(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+}
+
+/// The namespaces a pod's sandbox owns: a `hostNetwork` pod shares the node's network and
+/// UTS namespaces, as the kubelet's pods do, and keeps an IPC namespace of its own.
+fn sandbox_namespaces(pod: &Pod) -> &'static [Namespace] {
+    if host_network(pod) {
+        &[Namespace::Ipc]
+    } else {
+        &Namespace::ALL
+    }
+}
 
 pub struct NodeRuntime {
     config: AgentConfig,
@@ -689,9 +709,9 @@ impl NodeRuntime {
             .map_err(|e| StartError::new("CreateContainerError", e.to_string()))?;
         let hostname = sandbox.hostname().map_err(Self::sandbox_error)?;
         let namespaces = PodNamespaces {
-            net: sandbox.namespace_path(Namespace::Net),
-            ipc: sandbox.namespace_path(Namespace::Ipc),
-            uts: sandbox.namespace_path(Namespace::Uts),
+            net: sandbox.own_namespace_path(Namespace::Net),
+            ipc: sandbox.own_namespace_path(Namespace::Ipc),
+            uts: sandbox.own_namespace_path(Namespace::Uts),
         };
         let defaults = ImageDefaults {
             entrypoint: image.config.entrypoint.clone(),
@@ -857,8 +877,11 @@ impl NodeRuntime {
         }
     }
 
-    /// The pod's IPs from the CNI result cache.
+    /// The pod's IPs from the CNI result cache; the node's for a `hostNetwork` pod.
     fn cached_ips(&self, pod: &Pod) -> Vec<std::net::IpAddr> {
+        if host_network(pod) {
+            return self.dns.node_ips.clone();
+        }
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
         let Ok(network) = self.network() else {
             return Vec::new();
@@ -875,15 +898,8 @@ impl PodRuntime for NodeRuntime {
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         let name = pod.metadata.name.as_deref().unwrap_or_default();
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false)
-        {
-            return Err(Self::sandbox_error(
-                "hostNetwork pods are not supported yet",
-            ));
+        if pod.spec.as_ref().and_then(|s| s.host_ipc).unwrap_or(false) {
+            return Err(Self::sandbox_error("hostIPC pods are not supported yet"));
         }
         self.cgroups
             .apply_pod(pod)
@@ -892,30 +908,52 @@ impl PodRuntime for NodeRuntime {
             .map_err(Self::sandbox_error)?;
         let sandbox = match sandbox::open(&self.config.run_dir, uid).map_err(Self::sandbox_error)? {
             Some(sandbox) => sandbox,
-            None => sandbox::create(&self.config.run_dir, uid, &names.kernel_hostname)
-                .map_err(Self::sandbox_error)?,
+            None => sandbox::create_with(
+                &self.config.run_dir,
+                uid,
+                &names.kernel_hostname,
+                sandbox_namespaces(pod),
+            )
+            .map_err(Self::sandbox_error)?,
         };
-        let network = self.network()?;
-        let ips = match self.cni.cached(&network.name, uid, cni::POD_IFNAME) {
-            Ok(Some(cached)) => cached.result.sandbox_ips(cni::POD_IFNAME),
-            _ => {
-                let attachment = Attachment::for_pod(namespace, name, uid, &sandbox.netns_path())
-                    .with_port_mappings(&cni::port_mappings(pod));
-                let result = self.cni.add(&network, &attachment).await.map_err(|e| {
-                    Self::sandbox_error(format!(
-                        "plugin type={:?} failed (add): {e}",
-                        e.plugin().unwrap_or("?")
-                    ))
-                })?;
-                result.sandbox_ips(cni::POD_IFNAME)
+        // A host-network pod has the node's addresses and no CNI attachment, so it runs
+        // while the pod network is not ready, as the kubelet's do.
+        let ips = match sandbox.own_netns_path() {
+            None => self.dns.node_ips.clone(),
+            Some(netns) => {
+                let network = self.network()?;
+                match self.cni.cached(&network.name, uid, cni::POD_IFNAME) {
+                    Ok(Some(cached)) => cached.result.sandbox_ips(cni::POD_IFNAME),
+                    _ => {
+                        let attachment = Attachment::for_pod(namespace, name, uid, &netns)
+                            .with_port_mappings(&cni::port_mappings(pod));
+                        let result = self.cni.add(&network, &attachment).await.map_err(|e| {
+                            Self::sandbox_error(format!(
+                                "plugin type={:?} failed (add): {e}",
+                                e.plugin().unwrap_or("?")
+                            ))
+                        })?;
+                        result.sandbox_ips(cni::POD_IFNAME)
+                    }
+                }
             }
         };
         let node_resolv = self
             .dns
             .read_node_resolv_conf()
             .map_err(Self::sandbox_error)?;
-        let files = PodFiles::for_pod(pod, &ips, &self.dns, node_resolv.as_deref())
-            .map_err(Self::sandbox_error)?;
+        let files = if sandbox.owns(Namespace::Net) {
+            PodFiles::for_pod(pod, &ips, &self.dns, node_resolv.as_deref())
+                .map_err(Self::sandbox_error)?
+        } else {
+            let node = NodeFiles {
+                hosts: std::fs::read_to_string(NODE_HOSTS_FILE).map_err(|e| {
+                    Self::sandbox_error(format!("read node hosts file {NODE_HOSTS_FILE}: {e}"))
+                })?,
+                hostname: sandbox::node_hostname().map_err(Self::sandbox_error)?,
+            };
+            PodFiles::for_host_network_pod(pod, &self.dns, node_resolv.as_deref(), &node)
+        };
         sandbox.write_files(&files).map_err(Self::sandbox_error)?;
         Ok(SandboxInfo {
             pod_ips: ips.iter().map(ToString::to_string).collect(),
@@ -1094,12 +1132,17 @@ impl PodRuntime for NodeRuntime {
 
     async fn release(&self, pod_uid: &str, pod: Option<&Pod>) -> Result<(), RuntimeError> {
         let run_dir = &self.config.run_dir;
+        let sandbox = sandbox::open(run_dir, pod_uid).ok().flatten();
+        // A host-network pod was never attached: nothing to DEL. Its sandbox (or the pod,
+        // once the sandbox is gone) says so.
+        let attached = match (&sandbox, pod) {
+            (Some(sandbox), _) => sandbox.owns(Namespace::Net),
+            (None, Some(pod)) => !host_network(pod),
+            (None, None) => true,
+        };
         // The network first, while the namespace still exists.
-        if let Ok(network) = self.network() {
-            let netns = sandbox::open(run_dir, pod_uid)
-                .ok()
-                .flatten()
-                .map(|s| s.netns_path());
+        if attached && let Ok(network) = self.network() {
+            let netns = sandbox.as_ref().and_then(sandbox::Sandbox::own_netns_path);
             let mut attachment = Attachment::new(pod_uid, cni::POD_IFNAME, netns);
             if let Some(pod) = pod {
                 attachment.cni_args = cni::pod_cni_args(

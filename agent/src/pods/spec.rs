@@ -71,12 +71,14 @@ pub struct BindMount {
     pub read_only: bool,
 }
 
-/// Where the pod's shared namespaces live (bind-mounted by the sandbox).
-#[derive(Debug, Clone)]
+/// Where the pod's shared namespaces live (bind-mounted by the sandbox). `None`: the pod
+/// has no namespace of that kind of its own (`hostNetwork` pods have no network and no
+/// UTS namespace); the spec then has no entry for it, so runc shares its own, the node's.
+#[derive(Debug, Clone, Default)]
 pub struct PodNamespaces {
-    pub net: PathBuf,
-    pub ipc: PathBuf,
-    pub uts: PathBuf,
+    pub net: Option<PathBuf>,
+    pub ipc: Option<PathBuf>,
+    pub uts: Option<PathBuf>,
 }
 
 /// Everything the spec of one container is built from.
@@ -486,14 +488,22 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
         namespace.set_path(path.map(Path::to_path_buf));
         namespace
     };
-    let namespaces = vec![
+    let pod_namespaces = &input.namespaces;
+    let joined = [
+        (LinuxNamespaceType::Network, &pod_namespaces.net),
+        (LinuxNamespaceType::Ipc, &pod_namespaces.ipc),
+        (LinuxNamespaceType::Uts, &pod_namespaces.uts),
+    ];
+    let mut namespaces = vec![
         namespace(LinuxNamespaceType::Pid, None),
         namespace(LinuxNamespaceType::Mount, None),
-        namespace(LinuxNamespaceType::Network, Some(&input.namespaces.net)),
-        namespace(LinuxNamespaceType::Ipc, Some(&input.namespaces.ipc)),
-        namespace(LinuxNamespaceType::Uts, Some(&input.namespaces.uts)),
-        namespace(LinuxNamespaceType::Cgroup, None),
     ];
+    namespaces.extend(
+        joined
+            .into_iter()
+            .filter_map(|(typ, path)| Some(namespace(typ, Some(path.as_deref()?)))),
+    );
+    namespaces.push(namespace(LinuxNamespaceType::Cgroup, None));
     // Limits are written by the agent into the cgroup itself; the runtime only places the
     // process and applies the device rules (deny all but the defaults it adds).
     let mut resources = LinuxResources::default();
@@ -529,7 +539,14 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
     let mut spec = Spec::default();
     spec.set_process(Some(process));
     spec.set_root(Some(root));
-    spec.set_hostname(Some(input.hostname.to_string()));
+    // runc refuses a hostname without a UTS namespace of the container's own: a pod that
+    // shares the node's has the node's hostname, and HOSTNAME in its environment says so.
+    spec.set_hostname(
+        pod_namespaces
+            .uts
+            .is_some()
+            .then(|| input.hostname.to_string()),
+    );
     spec.set_mounts(Some(mounts));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
@@ -599,9 +616,9 @@ mod tests {
         );
         let container = &pod.spec.as_ref().unwrap().containers[0];
         let namespaces = PodNamespaces {
-            net: "/run/skiff/pods/u1/ns/net".into(),
-            ipc: "/run/skiff/pods/u1/ns/ipc".into(),
-            uts: "/run/skiff/pods/u1/ns/uts".into(),
+            net: Some("/run/skiff/pods/u1/ns/net".into()),
+            ipc: Some("/run/skiff/pods/u1/ns/ipc".into()),
+            uts: Some("/run/skiff/pods/u1/ns/uts".into()),
         };
         let mounts = [BindMount {
             source: "/run/skiff/pods/u1/hosts".into(),
@@ -640,6 +657,7 @@ mod tests {
             .find(|ns| ns["type"] == "network")
             .unwrap();
         assert_eq!(net["path"], "/run/skiff/pods/u1/ns/net");
+        assert_eq!(value["hostname"], "web");
         assert!(value["linux"]["resources"].get("memory").is_none());
         let hosts = value["mounts"]
             .as_array()
@@ -658,9 +676,9 @@ mod tests {
             ..Default::default()
         };
         let namespaces = PodNamespaces {
-            net: "/n".into(),
-            ipc: "/i".into(),
-            uts: "/u".into(),
+            net: Some("/n".into()),
+            ipc: Some("/i".into()),
+            uts: Some("/u".into()),
         };
         let error = container_spec(&ContainerSpecInput {
             pod: &pod,
@@ -676,6 +694,43 @@ mod tests {
         assert!(
             error.to_string().contains("\"nobody\" is not numeric"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn a_host_network_pod_joins_only_its_ipc_namespace() {
+        let pod = pod(json!([{"name": "app", "image": "busybox", "command": ["true"]}]));
+        let namespaces = PodNamespaces {
+            ipc: Some("/run/skiff/pods/u1/ns/ipc".into()),
+            ..PodNamespaces::default()
+        };
+        let spec = container_spec(&ContainerSpecInput {
+            pod: &pod,
+            container: &pod.spec.as_ref().unwrap().containers[0],
+            image: &ImageDefaults::default(),
+            env: &[],
+            namespaces: &namespaces,
+            cgroups_path: "/x",
+            mounts: &[],
+            hostname: "node-1",
+        })
+        .unwrap();
+        let value = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            value["linux"]["namespaces"],
+            json!([
+                {"type": "pid"},
+                {"type": "mount"},
+                {"type": "ipc", "path": "/run/skiff/pods/u1/ns/ipc"},
+                {"type": "cgroup"},
+            ])
+        );
+        assert!(value.get("hostname").is_none(), "{value}");
+        assert!(
+            value["process"]["env"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("HOSTNAME=node-1"))
         );
     }
 }

@@ -13,6 +13,9 @@ use super::SandboxError;
 
 /// The first line of every hosts file the kubelet writes for a pod network pod.
 pub const MANAGED_HOSTS_HEADER: &str = "# Kubernetes-managed hosts file.\n";
+/// The first line of the hosts file of a `hostNetwork` pod, above the node's own.
+pub const MANAGED_HOSTS_HEADER_HOST_NETWORK: &str =
+    "# Kubernetes-managed hosts file (host network).\n";
 
 /// The options the kubelet gives ClusterFirst pods.
 const CLUSTER_FIRST_OPTIONS: &[&str] = &["ndots:5"];
@@ -60,6 +63,41 @@ impl PodFiles {
             hostname: hostname_file(&names.kernel_hostname),
             warnings: dns.warnings,
         })
+    }
+}
+
+/// What a `hostNetwork` pod's files are made of besides the pod: the node's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFiles {
+    /// The text of the node's `/etc/hosts`.
+    pub hosts: String,
+    /// The node's hostname, which the pod shares with its UTS namespace.
+    pub hostname: String,
+}
+
+impl PodFiles {
+    /// Every file of a `hostNetwork` pod: the node's hosts file under the kubelet's header
+    /// with `hostAliases` appended, the node's hostname (what containerd's CRI writes when
+    /// the kubelet gives a host-network sandbox no hostname), and the resolver as
+    /// [`pod_dns`] computes it for any pod.
+    pub fn for_host_network_pod(
+        pod: &Pod,
+        settings: &DnsSettings,
+        node_resolv_conf: Option<&str>,
+        node: &NodeFiles,
+    ) -> PodFiles {
+        let aliases = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_aliases.as_deref())
+            .unwrap_or_default();
+        let dns = pod_dns(pod, settings, node_resolv_conf);
+        PodFiles {
+            hosts: node_hosts_file(&node.hosts, aliases),
+            resolv_conf: dns.config.render(),
+            hostname: hostname_file(&node.hostname),
+            warnings: dns.warnings,
+        }
     }
 }
 
@@ -180,6 +218,20 @@ pub fn hosts_file(
             None => out.push_str(&format!("{ip}\t{hostname}\n")),
         }
     }
+    push_host_aliases(&mut out, host_aliases);
+    out
+}
+
+/// A `hostNetwork` pod's hosts file, the kubelet's `nodeHostsFileContent`: its header, the
+/// node's hosts file as it is, then `hostAliases`.
+pub fn node_hosts_file(node_hosts: &str, host_aliases: &[HostAlias]) -> String {
+    let mut out = String::from(MANAGED_HOSTS_HEADER_HOST_NETWORK);
+    out.push_str(node_hosts);
+    push_host_aliases(&mut out, host_aliases);
+    out
+}
+
+fn push_host_aliases(out: &mut String, host_aliases: &[HostAlias]) {
     if !host_aliases.is_empty() {
         out.push_str("\n# Entries added by HostAliases.\n");
         for alias in host_aliases {
@@ -187,7 +239,6 @@ pub fn hosts_file(
             out.push_str(&format!("{}\t{names}\n", alias.ip));
         }
     }
-    out
 }
 
 /// `/etc/hostname`, as containerd's CRI writes it.
@@ -787,5 +838,40 @@ fe00::2\tip6-allrouters
         );
         assert_eq!(files.hostname, "web-0\n");
         assert!(files.warnings.is_empty());
+    }
+
+    #[test]
+    fn host_network_pods_get_the_node_files() {
+        let spec = PodSpec {
+            host_network: Some(true),
+            host_aliases: Some(vec![HostAlias {
+                ip: "10.1.2.3".into(),
+                hostnames: Some(vec!["foo".into(), "bar".into()]),
+            }]),
+            ..Default::default()
+        };
+        let node = NodeFiles {
+            hosts: "127.0.0.1\tlocalhost\n192.0.2.10\tnode-1\n".into(),
+            hostname: "node-1".into(),
+        };
+        let files = PodFiles::for_host_network_pod(
+            &pod("agent", "kube-system", spec),
+            &settings(),
+            Some(NODE_RESOLV_CONF),
+            &node,
+        );
+        assert_eq!(
+            files.hosts,
+            "# Kubernetes-managed hosts file (host network).\n\
+             127.0.0.1\tlocalhost\n192.0.2.10\tnode-1\n\
+             \n# Entries added by HostAliases.\n10.1.2.3\tfoo\tbar\n"
+        );
+        assert_eq!(files.hostname, "node-1\n");
+        // ClusterFirst is Default for a host-network pod: the node's resolver.
+        assert_eq!(
+            files.resolv_conf,
+            ResolvConf::parse(NODE_RESOLV_CONF).render()
+        );
+        assert_eq!(node_hosts_file("", &[]), MANAGED_HOSTS_HEADER_HOST_NETWORK);
     }
 }
