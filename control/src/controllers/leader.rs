@@ -188,27 +188,39 @@ impl Elector {
     }
 
     /// Gives the Lease up if we hold it, so that a standby need not wait for it to expire.
+    /// A renewal dropped mid-flight may still land first: on a conflict the Lease is read
+    /// again.
     async fn release(&mut self) -> anyhow::Result<()> {
         let name = self.config.lease_name.clone();
-        let mut lease = self
-            .api
-            .get(&name)
-            .await
-            .context(format!("get lease {name}"))?;
-        let mut spec = lease.spec.clone().unwrap_or_default();
-        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
-            return Ok(());
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut lease = self
+                .api
+                .get(&name)
+                .await
+                .context(format!("get lease {name}"))?;
+            let mut spec = lease.spec.clone().unwrap_or_default();
+            if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+                return Ok(());
+            }
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+            lease.spec = Some(spec);
+            match self
+                .api
+                .replace(&name, &PostParams::default(), &lease)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(identity = %self.config.identity, lease = %name, "released the lease");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(response)) if response.code == 409 && attempts < 5 => {}
+                Err(error) => return Err(error).context(format!("release lease {name}")),
+            }
         }
-        spec.holder_identity = None;
-        spec.lease_duration_seconds = Some(1);
-        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
-        lease.spec = Some(spec);
-        self.api
-            .replace(&name, &PostParams::default(), &lease)
-            .await
-            .context(format!("release lease {name}"))?;
-        tracing::info!(identity = %self.config.identity, lease = %name, "released the lease");
-        Ok(())
     }
 }
 
