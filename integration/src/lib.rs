@@ -17,6 +17,7 @@ pub mod containerd;
 pub mod lbnet;
 pub mod node;
 pub mod oci_image;
+pub mod pod_cluster;
 pub mod registry;
 
 /// The directory holding the workspace's binaries for this build profile.

@@ -8,79 +8,31 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration::ControlPlane;
-use integration::containerd::Containerd;
-use integration::node::Node;
-use integration::oci_image::ImageBuilder;
+use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-const IMAGE: &str = "skiff.test/busybox:1";
+/// The shared one-node cluster, with this file's own checks.
+struct Cluster(PodCluster);
 
-struct Cluster {
-    // Dropped in this order: the agent and its pods, then containerd, then the API.
-    node: Node,
-    containerd: Containerd,
-    plane: ControlPlane,
-    _images: tempfile::TempDir,
+impl std::ops::Deref for Cluster {
+    type Target = PodCluster;
+
+    fn deref(&self) -> &PodCluster {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut PodCluster {
+        &mut self.0
+    }
 }
 
 fn cluster() -> Cluster {
-    integration::require_root("these tests run containers, namespaces and cgroups");
-    let plane = ControlPlane::start();
-    let containerd = Containerd::start();
-    let images = tempfile::Builder::new()
-        .prefix("skiff-hostnet-")
-        .tempdir()
-        .expect("temp dir");
-    let archive = images.path().join("busybox.tar");
-    ImageBuilder::busybox().write_archive(&archive, "1");
-    let node = Node::start(&plane, &containerd, &[]);
-    node.import_image(&containerd, &archive, IMAGE);
-    Cluster {
-        node,
-        containerd,
-        plane,
-        _images: images,
-    }
+    Cluster(PodCluster::start(&[]))
 }
 
 impl Cluster {
-    fn apply(&self, name: &str, spec: &str) {
-        let manifest = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n{spec}",
-            node = self.node.name
-        );
-        let output = self.plane.kubectl_stdin(&["apply", "-f", "-"], &manifest);
-        assert!(
-            output.status.success(),
-            "kubectl apply failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    fn pod(&self, name: &str) -> Value {
-        let text = self.plane.kubectl(&["get", "pod", name, "-o", "json"]);
-        serde_json::from_str(&text).expect("pod JSON")
-    }
-
-    /// Waits until `check` holds for the pod, failing with the pod and the agent's log.
-    fn wait_for(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let pod = self.pod(name);
-            if check(&pod) {
-                return pod;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pod {name}: {what} not reached within 60 s\nstatus: {:#}\nagent log:\n{}",
-                pod["status"],
-                self.node.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     fn wait_gone(&self, name: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self
@@ -250,10 +202,10 @@ fn a_host_network_pod_shares_the_node_network_and_hostname_and_leaves_nothing() 
             "  hostNetwork: {host_network}\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", {REPORT:?}]\n"
         )
     };
-    cluster.apply("hostnet", &spec(true));
-    cluster.apply("podnet", &spec(false));
-    let host_pod = cluster.wait_for("hostnet", "Running", running);
-    let pod_pod = cluster.wait_for("podnet", "Running", running);
+    cluster.apply_pod("hostnet", &spec(true));
+    cluster.apply_pod("podnet", &spec(false));
+    let host_pod = cluster.wait_for_pod("hostnet", "Running", running);
+    let pod_pod = cluster.wait_for_pod("podnet", "Running", running);
     let (host_uid, pod_uid) = (uid(&host_pod), uid(&pod_pod));
 
     // The node's addresses are the pod's.
@@ -332,9 +284,10 @@ fn a_host_network_pod_shares_the_node_network_and_hostname_and_leaves_nothing() 
     // A restarted agent adopts the sandbox and restarts no container.
     let container_id = status["containerStatuses"][0]["containerID"].clone();
     let mut cluster = cluster;
-    cluster.node.restart(&cluster.plane);
+    let PodCluster { node, plane, .. } = &mut cluster.0;
+    node.restart(plane);
     std::thread::sleep(Duration::from_secs(3));
-    let after = cluster.wait_for("hostnet", "Running after the restart", running);
+    let after = cluster.wait_for_pod("hostnet", "Running after the restart", running);
     let container = &after["status"]["containerStatuses"][0];
     assert_eq!(
         container["containerID"], container_id,
