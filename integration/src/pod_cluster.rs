@@ -45,14 +45,18 @@ impl PodCluster {
         }
     }
 
-    /// Applies a Pod `name` bound to this node, `spec` being the YAML under `spec:`
+    /// A Pod manifest `name` bound to this node, `spec` being the YAML under `spec:`
     /// (indented by two spaces).
-    pub fn apply_pod(&self, name: &str, spec: &str) {
-        let manifest = format!(
+    pub fn pod_manifest(&self, name: &str, spec: &str) -> String {
+        format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n{spec}",
             node = self.node.name
-        );
-        let output = self.plane.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+        )
+    }
+
+    /// `kubectl apply` of any manifest.
+    pub fn apply(&self, manifest: &str) {
+        let output = self.plane.kubectl_stdin(&["apply", "-f", "-"], manifest);
         assert!(
             output.status.success(),
             "kubectl apply failed: {}",
@@ -60,14 +64,31 @@ impl PodCluster {
         );
     }
 
+    /// Applies [`PodCluster::pod_manifest`].
+    pub fn apply_pod(&self, name: &str, spec: &str) {
+        self.apply(&self.pod_manifest(name, spec));
+    }
+
     pub fn pod(&self, name: &str) -> Value {
         let text = self.plane.kubectl(&["get", "pod", name, "-o", "json"]);
         serde_json::from_str(&text).expect("pod JSON")
     }
 
-    /// Waits until `check` holds for the pod, failing with the pod and the agent's log.
+    /// Waits up to 60 s until `check` holds for the pod.
     pub fn wait_for_pod(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_for_pod_within(name, what, Duration::from_secs(60), check)
+    }
+
+    /// Waits until `check` holds for the pod, failing after `timeout` with the pod and the
+    /// agent's log.
+    pub fn wait_for_pod_within(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
         loop {
             let pod = self.pod(name);
             if check(&pod) {
@@ -75,8 +96,26 @@ impl PodCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "pod {name}: {what} not reached within 60 s\nstatus: {:#}\nagent log:\n{}",
+                "pod {name}: {what} not reached within {timeout:?}\nstatus: {:#}\nagent log:\n{}",
                 pod["status"],
+                self.node.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the pod is gone from the API.
+    pub fn wait_gone(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self
+            .plane
+            .kubectl_output(&["get", "pod", name, "-o", "name"])
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "pod {name} still exists after {timeout:?}\nagent log:\n{}",
                 self.node.log()
             );
             std::thread::sleep(Duration::from_millis(200));

@@ -33,23 +33,6 @@ fn cluster() -> Cluster {
 }
 
 impl Cluster {
-    fn wait_gone(&self, name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self
-            .plane
-            .kubectl_output(&["get", "pod", name, "-o", "name"])
-            .status
-            .success()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "pod {name} still exists after 30 s\nagent log:\n{}",
-                self.node.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     /// The lines the pod's container `app` printed in its first run, once `last` is among
     /// them.
     fn output(&self, pod: &Value, last: &str) -> Vec<String> {
@@ -302,7 +285,7 @@ fn a_host_network_pod_shares_the_node_network_and_hostname_and_leaves_nothing() 
     cluster
         .plane
         .kubectl(&["delete", "pod", "hostnet", "--wait=false"]);
-    cluster.wait_gone("hostnet");
+    cluster.wait_gone("hostnet", Duration::from_secs(30));
     assert!(
         !cluster.node.run_dir.join("pods").join(&host_uid).exists(),
         "sandbox left behind"
@@ -319,7 +302,7 @@ fn a_host_network_pod_shares_the_node_network_and_hostname_and_leaves_nothing() 
     cluster
         .plane
         .kubectl(&["delete", "pod", "podnet", "--wait=false"]);
-    cluster.wait_gone("podnet");
+    cluster.wait_gone("podnet", Duration::from_secs(30));
     assert!(
         skiff_agent::sandbox::list(&cluster.node.run_dir)
             .unwrap()

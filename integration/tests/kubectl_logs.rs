@@ -10,86 +10,27 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use integration::ControlPlane;
-use integration::containerd::Containerd;
-use integration::node::Node;
-use integration::oci_image::ImageBuilder;
+use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-const IMAGE: &str = "skiff.test/busybox:1";
+/// The shared one-node cluster, with this file's log helpers.
+struct Cluster(PodCluster);
 
-struct Cluster {
-    // Dropped in this order: the agent and its pods, then containerd, then the API.
-    node: Node,
-    _containerd: Containerd,
-    plane: ControlPlane,
-    temp: tempfile::TempDir,
-}
+impl std::ops::Deref for Cluster {
+    type Target = PodCluster;
 
-fn require_root() {
-    integration::require_root("these tests run containers, namespaces and cgroups");
+    fn deref(&self) -> &PodCluster {
+        &self.0
+    }
 }
 
 fn cluster() -> Cluster {
-    require_root();
-    let plane = ControlPlane::start();
-    let containerd = Containerd::start();
-    let temp = tempfile::Builder::new()
-        .prefix("skiff-logs-")
-        .tempdir()
-        .expect("temp dir");
-    let archive = temp.path().join("busybox.tar");
-    ImageBuilder::busybox().write_archive(&archive, "1");
     // The harness gives the agent the control plane's CA (`--client-ca-file`): the API
     // server's client certificate for node APIs is signed by it.
-    let ca = plane.data_dir.join("pki").join("ca.crt");
-    assert!(ca.exists(), "no cluster CA at {}", ca.display());
-    let node = Node::start(&plane, &containerd, &[]);
-    node.import_image(&containerd, &archive, IMAGE);
-    Cluster {
-        node,
-        _containerd: containerd,
-        plane,
-        temp,
-    }
+    Cluster(PodCluster::start(&[]))
 }
 
 impl Cluster {
-    fn apply(&self, name: &str, spec: &str) {
-        let manifest = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n{spec}",
-            node = self.node.name
-        );
-        let output = self.plane.kubectl_stdin(&["apply", "-f", "-"], &manifest);
-        assert!(
-            output.status.success(),
-            "kubectl apply failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    fn pod(&self, name: &str) -> Value {
-        let text = self.plane.kubectl(&["get", "pod", name, "-o", "json"]);
-        serde_json::from_str(&text).expect("pod JSON")
-    }
-
-    /// Waits until `check` holds for the pod, failing with the pod and the agent's log.
-    fn wait_for(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let pod = self.pod(name);
-            if check(&pod) {
-                return pod;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pod {name}: {what} not reached within 60 s\nstatus: {:#}\nagent log:\n{}",
-                pod["status"],
-                self.node.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// `kubectl logs ARGS`: (success, stdout, stderr).
     fn logs(&self, args: &[&str]) -> (bool, String, String) {
         let mut full = vec!["logs"];
@@ -234,9 +175,10 @@ fn split_timestamp(line: &str) -> (&str, &str) {
 #[test]
 fn logs_print_tail_timestamps_and_follow_until_the_container_exits() {
     let cluster = cluster();
-    let trigger = cluster.temp.path().join("trigger");
+    let temp = tempfile::tempdir().expect("temp dir");
+    let trigger = temp.path().join("trigger");
     std::fs::create_dir(&trigger).expect("trigger dir");
-    cluster.apply(
+    cluster.apply_pod(
         "web",
         &format!(
             r#"  restartPolicy: Never
@@ -253,7 +195,7 @@ fn logs_print_tail_timestamps_and_follow_until_the_container_exits() {
             trigger = trigger.display()
         ),
     );
-    cluster.wait_for("web", "running", |pod| running(pod, 0));
+    cluster.wait_for_pod("web", "running", |pod| running(pod, 0));
     // stdout and stderr, in the order written (the driver reads the two pipes apart, so
     // the container pauses before it changes stream).
     cluster.wait_for_logs(&["web"], "one\ntwo\nthree\n");
@@ -307,7 +249,7 @@ fn logs_print_tail_timestamps_and_follow_until_the_container_exits() {
             )
         });
     assert!(status.success(), "kubectl logs -f ended with {status}");
-    cluster.wait_for("web", "Succeeded", |pod| {
+    cluster.wait_for_pod("web", "Succeeded", |pod| {
         pod["status"]["phase"] == "Succeeded"
     });
     assert_eq!(cluster.logs_ok(&["web"]), "one\ntwo\nthree\nlate\n");
@@ -351,7 +293,7 @@ fn logs_print_tail_timestamps_and_follow_until_the_container_exits() {
 fn previous_shows_the_run_before_the_restart() {
     let cluster = cluster();
     // Crashes on its first run, runs on its second (the emptyDir outlives the container).
-    cluster.apply(
+    cluster.apply_pod(
         "once",
         &format!(
             r#"  containers:
@@ -367,7 +309,7 @@ fn previous_shows_the_run_before_the_restart() {
         ),
     );
     // Crashes every time.
-    cluster.apply(
+    cluster.apply_pod(
         "crash",
         &format!(
             r#"  restartPolicy: Always
@@ -381,7 +323,7 @@ fn previous_shows_the_run_before_the_restart() {
 
     // While the crashed run waits to be restarted, its log is both the current and the
     // previous one, as the kubelet shows it.
-    cluster.wait_for("crash", "CrashLoopBackOff", |pod| {
+    cluster.wait_for_pod("crash", "CrashLoopBackOff", |pod| {
         pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "CrashLoopBackOff"
     });
     assert_eq!(cluster.logs_ok(&["crash", "--previous"]), "run\n");
@@ -395,14 +337,14 @@ fn previous_shows_the_run_before_the_restart() {
     assert_eq!(cluster.logs_ok(&["crash"]), "run\n");
 
     // After the 10 s back-off the second run runs: the previous run is the first.
-    cluster.wait_for("once", "the second run running", |pod| {
+    cluster.wait_for_pod("once", "the second run running", |pod| {
         running(pod, 0) && pod["status"]["containerStatuses"][0]["restartCount"] == 1
     });
     cluster.wait_for_logs(&["once"], "second run\n");
     assert_eq!(cluster.logs_ok(&["once", "--previous"]), "first run\n");
 
     // A container that never restarted has no previous run: the kubelet's words come back.
-    cluster.apply(
+    cluster.apply_pod(
         "steady",
         &format!(
             r#"  containers:
@@ -412,7 +354,7 @@ fn previous_shows_the_run_before_the_restart() {
 "#
         ),
     );
-    cluster.wait_for("steady", "running", |pod| running(pod, 0));
+    cluster.wait_for_pod("steady", "running", |pod| running(pod, 0));
     let (ok, _, stderr) = cluster.logs(&["steady", "--previous"]);
     assert!(!ok);
     assert!(
@@ -426,7 +368,7 @@ fn previous_shows_the_run_before_the_restart() {
 #[test]
 fn containers_are_chosen_and_missing_pods_are_not_found() {
     let cluster = cluster();
-    cluster.apply(
+    cluster.apply_pod(
         "multi",
         &format!(
             r#"  containers:
@@ -439,7 +381,7 @@ fn containers_are_chosen_and_missing_pods_are_not_found() {
 "#
         ),
     );
-    cluster.wait_for("multi", "both running", |pod| {
+    cluster.wait_for_pod("multi", "both running", |pod| {
         running(pod, 0) && running(pod, 1)
     });
     cluster.wait_for_logs(&["multi", "-c", "b"], "from b\n");

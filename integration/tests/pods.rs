@@ -4,24 +4,25 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration::ControlPlane;
-use integration::containerd::Containerd;
-use integration::node::Node;
 use integration::oci_image::ImageBuilder;
+use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-const IMAGE: &str = "skiff.test/busybox:1";
+/// The shared one-node cluster, with this file's own checks.
+struct Cluster(PodCluster);
 
-struct Cluster {
-    // Dropped in this order: the agent and its pods, then containerd, then the API.
-    node: Node,
-    containerd: Containerd,
-    plane: ControlPlane,
-    _images: tempfile::TempDir,
+impl std::ops::Deref for Cluster {
+    type Target = PodCluster;
+
+    fn deref(&self) -> &PodCluster {
+        &self.0
+    }
 }
 
-fn require_root() {
-    integration::require_root("these tests run containers, namespaces and cgroups");
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut PodCluster {
+        &mut self.0
+    }
 }
 
 fn cluster() -> Cluster {
@@ -29,87 +30,10 @@ fn cluster() -> Cluster {
 }
 
 fn cluster_with(agent_args: &[&str]) -> Cluster {
-    require_root();
-    let plane = ControlPlane::start();
-    let containerd = Containerd::start();
-    let images = tempfile::tempdir().expect("temp dir");
-    let archive = images.path().join("busybox.tar");
-    ImageBuilder::busybox().write_archive(&archive, "1");
-    let node = Node::start(&plane, &containerd, agent_args);
-    node.import_image(&containerd, &archive, IMAGE);
-    Cluster {
-        node,
-        containerd,
-        plane,
-        _images: images,
-    }
+    Cluster(PodCluster::start(agent_args))
 }
 
 impl Cluster {
-    fn apply(&self, manifest: &str) {
-        let output = self.plane.kubectl_stdin(&["apply", "-f", "-"], manifest);
-        assert!(
-            output.status.success(),
-            "kubectl apply failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    fn pod(&self, name: &str) -> Value {
-        let text = self.plane.kubectl(&["get", "pod", name, "-o", "json"]);
-        serde_json::from_str(&text).expect("pod JSON")
-    }
-
-    /// Waits until `check` holds for the pod, failing with the pod and the agent's log.
-    fn wait_for(
-        &self,
-        name: &str,
-        what: &str,
-        timeout: Duration,
-        check: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let pod = self.pod(name);
-            if check(&pod) {
-                return pod;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "pod {name}: {what} not reached within {timeout:?}\nstatus: {:#}\nagent log:\n{}",
-                    pod["status"],
-                    self.node.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_gone(&self, name: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let output = self
-                .plane
-                .kubectl_output(&["get", "pod", name, "-o", "name"]);
-            if !output.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pod {name} still exists after {timeout:?}\nagent log:\n{}",
-                self.node.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn pod_manifest(&self, name: &str, spec: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n{spec}",
-            node = self.node.name
-        )
-    }
-
     /// Starts `count` long-running pods named `<prefix>-<i>` and returns their container
     /// IDs once all run.
     fn start_steady_pods(&self, prefix: &str, count: usize) -> Vec<String> {
@@ -126,7 +50,7 @@ impl Cluster {
         self.apply(&manifests.join("---\n"));
         (0..count)
             .map(|i| {
-                let pod = self.wait_for(
+                let pod = self.wait_for_pod_within(
                     &format!("{prefix}-{i}"),
                     "Running",
                     Duration::from_secs(60),
@@ -220,9 +144,10 @@ fn a_pod_runs_with_its_network_cgroup_and_logs_then_deletes_cleanly() {
 "#
         ),
     ));
-    let pod = cluster.wait_for("web", "Running and Ready", Duration::from_secs(60), |pod| {
-        phase(pod) == "Running" && condition(pod, "Ready") == "True"
-    });
+    let pod =
+        cluster.wait_for_pod_within("web", "Running and Ready", Duration::from_secs(60), |pod| {
+            phase(pod) == "Running" && condition(pod, "Ready") == "True"
+        });
     let status = &pod["status"];
     let ip = status["podIP"].as_str().expect("podIP");
     assert!(
@@ -319,7 +244,7 @@ fn a_crashing_container_restarts_with_growing_back_off() {
 "#
         ),
     ));
-    let pod = cluster.wait_for(
+    let pod = cluster.wait_for_pod_within(
         "crash",
         "CrashLoopBackOff",
         Duration::from_secs(30),
@@ -338,7 +263,7 @@ fn a_crashing_container_restarts_with_growing_back_off() {
     );
     assert_eq!(phase(&pod), "Running");
     // After the 10 s back-off it restarts, and the next wait is 20 s.
-    let pod = cluster.wait_for(
+    let pod = cluster.wait_for_pod_within(
         "crash",
         "the back-off doubling",
         Duration::from_secs(30),
@@ -390,14 +315,14 @@ fn probes_restart_unhealthy_containers_and_gate_readiness() {
             .find(|c| c["name"] == "app")
             .is_some_and(|c| c["ready"] == true)
     };
-    cluster.wait_for("probed", "app ready", Duration::from_secs(30), ready);
-    cluster.wait_for(
+    cluster.wait_for_pod_within("probed", "app ready", Duration::from_secs(30), ready);
+    cluster.wait_for_pod_within(
         "probed",
         "app unready again",
         Duration::from_secs(30),
         |pod| !ready(pod) && phase(pod) == "Running",
     );
-    let pod = cluster.wait_for(
+    let pod = cluster.wait_for_pod_within(
         "probed",
         "doomed restarted by its liveness probe",
         Duration::from_secs(30),
@@ -420,7 +345,7 @@ fn killing_the_agent_restarts_no_container() {
     let ids = cluster.start_steady_pods("steady", PODS);
     cluster.node.kill();
     std::thread::sleep(Duration::from_millis(500));
-    let Cluster { node, plane, .. } = &mut cluster;
+    let PodCluster { node, plane, .. } = &mut cluster.0;
     node.restart(plane);
     // Give the new agent time to look at every pod, then check nothing moved.
     std::thread::sleep(Duration::from_secs(3));
@@ -443,7 +368,7 @@ fn containerd_restarts_and_pods_keep_running_without_leaks() {
             "  containers:\n  - name: app\n    image: {IMAGE}\n    command: [\"sleep\", \"1000\"]\n"
         ),
     ));
-    cluster.wait_for("after", "Running", Duration::from_secs(60), |pod| {
+    cluster.wait_for_pod_within("after", "Running", Duration::from_secs(60), |pod| {
         phase(pod) == "Running"
     });
     cluster.plane.kubectl(&[
@@ -477,7 +402,7 @@ fn images_are_pulled_and_a_missing_one_backs_off_with_the_registry_reason() {
         "missing",
         &format!("  containers:\n  - name: app\n    image: {missing}\n"),
     ));
-    let pod = cluster.wait_for("pulled", "Running", Duration::from_secs(60), |pod| {
+    let pod = cluster.wait_for_pod_within("pulled", "Running", Duration::from_secs(60), |pod| {
         phase(pod) == "Running"
     });
     assert!(
@@ -489,7 +414,7 @@ fn images_are_pulled_and_a_missing_one_backs_off_with_the_registry_reason() {
     let waiting = |pod: &Value| pod["status"]["containerStatuses"][0]["state"]["waiting"].clone();
     // ErrImagePull shows between two pulls only for an instant; the back-off that follows
     // carries the registry's reason.
-    let pod = cluster.wait_for(
+    let pod = cluster.wait_for_pod_within(
         "missing",
         "ImagePullBackOff",
         Duration::from_secs(30),
@@ -548,7 +473,7 @@ fn volumes_env_and_init_containers_reach_the_container_and_stop_runs_pre_stop_th
             host = host_dir.path().display()
         ),
     ));
-    let pod = cluster.wait_for("full", "Running", Duration::from_secs(60), |pod| {
+    let pod = cluster.wait_for_pod_within("full", "Running", Duration::from_secs(60), |pod| {
         phase(pod) == "Running"
     });
     let init = &pod["status"]["initContainerStatuses"][0];
