@@ -102,17 +102,18 @@ impl Topology {
         for index in 1..=self.backend_count() {
             let netns = Self::netns_path(&self.pods[usize::from(index)]);
             let name = format!("b{index}");
-            let (listener, socket) = std::thread::spawn(move || {
-                let file = std::fs::File::open(&netns).expect("open backend netns");
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("enter backend netns");
-                let tcp =
-                    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp server");
-                let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp server");
-                (tcp, udp)
-            })
-            .join()
-            .expect("server setup thread");
+            let (listener, socket) = skiff_agent::sandbox::run_in_namespace(
+                &netns,
+                skiff_agent::sandbox::Namespace::Net,
+                || {
+                    let tcp =
+                        TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp server");
+                    let udp =
+                        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp server");
+                    (tcp, udp)
+                },
+            )
+            .expect("enter the backend's network namespace");
             let tcp_name = name.clone();
             std::thread::spawn(move || {
                 for stream in listener.incoming().flatten() {

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
-use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -26,7 +25,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use integration::ControlPlane;
-use nix::sched::CloneFlags;
 use serde_json::{Value, json};
 use skiff_agent::routes::{ROUTE_PROTOCOL, Routes, RoutesConfig};
 
@@ -359,17 +357,8 @@ fn routes_follow_nodes_and_only_the_agents_own_are_touched() {
 /// sockets it opens live there (a socket stays in the namespace it was created in). The
 /// test's own threads never change namespace.
 fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let file = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("enter {}: {e}", netns.display()));
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    skiff_agent::sandbox::run_in_namespace(netns, skiff_agent::sandbox::Namespace::Net, f)
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// A TCP server for one connection, listening in a namespace: it answers its name and

@@ -236,6 +236,16 @@ pub fn compare(desired: &[super::desired::Frontend], actual: &[FrontendView]) ->
     };
     let mut differences = Vec::new();
     let mut matched = vec![false; actual.len()];
+    let index: HashMap<(Ipv4Addr, u16, &str, &str), usize> = actual
+        .iter()
+        .enumerate()
+        .map(|(position, view)| {
+            (
+                (view.address, view.port, view.protocol, view.scope),
+                position,
+            )
+        })
+        .collect();
     for frontend in desired {
         let protocol = match frontend.key.proto {
             Proto::Tcp => "TCP",
@@ -246,10 +256,9 @@ pub fn compare(desired: &[super::desired::Frontend], actual: &[FrontendView]) ->
             Scope::External => "external",
         };
         let name = label(frontend.key.address, frontend.key.port, protocol, scope);
-        let found = actual.iter().position(|view| {
-            (view.address, view.port, view.protocol, view.scope)
-                == (frontend.key.address, frontend.key.port, protocol, scope)
-        });
+        let found = index
+            .get(&(frontend.key.address, frontend.key.port, protocol, scope))
+            .copied();
         let Some(index) = found else {
             differences.push(Difference {
                 frontend: name,

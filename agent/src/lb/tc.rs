@@ -13,7 +13,6 @@
 //! Every function here blocks on netlink and `bpf()`; call them from a plain thread or
 //! `spawn_blocking`. Namespace changes happen only on short-lived threads of their own.
 
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -24,7 +23,6 @@ use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use nix::sched::CloneFlags;
 use skiff_ebpf::lb::{CT_MAP, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM};
 
 /// Where on an interface a program runs.
@@ -121,14 +119,13 @@ pub enum TcError {
         program: &'static str,
         source: io::Error,
     },
-    #[error("open network namespace {}: {source}", path.display())]
-    OpenNetns { path: PathBuf, source: io::Error },
-    #[error("enter network namespace {}: {source}", path.display())]
-    EnterNetns { path: PathBuf, source: nix::Error },
+    #[error("network namespace {}: {source}", path.display())]
+    Netns {
+        path: PathBuf,
+        source: crate::sandbox::SandboxError,
+    },
     #[error("identify the network namespace of a tc thread: {source}")]
     NetnsId { source: io::Error },
-    #[error("start a thread for network namespace {place}: {source}")]
-    Thread { place: String, source: io::Error },
 }
 
 /// `tc.o`, loaded, its maps shared with the pins under `bpffs_dir`.
@@ -257,37 +254,19 @@ pub fn detach(bpffs_dir: &Path, netns: Option<&Path>, interfaces: &[&str]) -> Re
 /// namespace wherever they are used later. The thread ends with `f`, so no thread of the
 /// process is left in another namespace.
 pub fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send) -> Result<T, TcError> {
-    let file = netns
-        .map(|path| {
-            File::open(path).map_err(|source| TcError::OpenNetns {
+    match netns {
+        Some(path) => crate::sandbox::run_in_namespace(path, crate::sandbox::Namespace::Net, f)
+            .map_err(|source| TcError::Netns {
                 path: path.to_path_buf(),
                 source,
-            })
-        })
-        .transpose()?;
-    let place = netns.map_or_else(
-        || "of the agent".to_owned(),
-        |path| path.display().to_string(),
-    );
-    std::thread::scope(|scope| {
-        let thread = std::thread::Builder::new()
-            .name("tc-netns".into())
-            .spawn_scoped(scope, || {
-                if let (Some(file), Some(path)) = (&file, netns) {
-                    nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|source| {
-                        TcError::EnterNetns {
-                            path: path.to_path_buf(),
-                            source,
-                        }
-                    })?;
-                }
-                Ok(f())
-            })
-            .map_err(|source| TcError::Thread { place, source })?;
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+            }),
+        None => Ok(std::thread::scope(|scope| {
+            scope
+                .spawn(f)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })),
+    }
 }
 
 fn pinned_max_entries(path: &Path, key_size: usize, value_size: usize) -> Result<u32, TcError> {
@@ -473,7 +452,7 @@ mod tests {
         let error = in_netns(Some(Path::new("/nonexistent/netns")), || ()).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "open network namespace /nonexistent/netns: No such file or directory (os error 2)"
+            "network namespace /nonexistent/netns: open /nonexistent/netns: No such file or directory (os error 2)"
         );
     }
 }

@@ -50,6 +50,7 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, bool datag
 	};
 	struct lb4_reverse_sk_key reverse_key = {};
 	struct lb4_reverse_sk_value reverse = {};
+	__u64 cookie;
 	const struct lb4_backend *backend;
 	struct lb4_service *svc;
 	__u32 backend_id = 0;
@@ -59,9 +60,10 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, bool datag
 	svc = bpf_map_lookup_elem(&lb4_services, &key);
 	if (!svc)
 		return SYS_PROCEED;
+	cookie = bpf_get_socket_cookie(ctx);
 	if (datagram) {
 		struct lb4_reverse_sk_key flow = {
-			.cookie = bpf_get_socket_cookie(ctx),
+			.cookie = cookie,
 			.address = key.address,
 			.port = key.dport,
 		};
@@ -88,7 +90,7 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, bool datag
 	if (!backend)
 		return SYS_REJECT;
 
-	reverse_key.cookie = bpf_get_socket_cookie(ctx);
+	reverse_key.cookie = cookie;
 	reverse_key.address = backend->address;
 	reverse_key.port = backend->port;
 	reverse.address = key.address;

@@ -383,18 +383,8 @@ impl Topology {
 /// Runs `work` on a thread of its own that entered the network namespace at `netns`: the
 /// sockets it creates and the processes it spawns live there. Other threads are unaffected.
 fn in_netns<T: Send>(netns: &Path, work: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = fs::File::open(netns)
-                    .with_context(|| format!("open network namespace {}", netns.display()))?;
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("enter network namespace {}", netns.display()))?;
-                Ok(work())
-            })
-            .join()
-            .unwrap_or_else(|_| bail!("a thread in {} panicked", netns.display()))
-    })
+    skiff_agent::sandbox::run_in_namespace(netns, skiff_agent::sandbox::Namespace::Net, work)
+        .map_err(anyhow::Error::from)
 }
 
 /// Starts the server of backend `index` in its namespace: two threads accepting on one
