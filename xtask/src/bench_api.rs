@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::fs;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use crate::bench::{self, Process, expect_success, megabytes, verdict};
 use crate::cluster::{self, Kubeconfig};
 
 #[derive(clap::Args)]
@@ -68,87 +69,24 @@ impl Sample {
 
     /// The nearest-rank percentile, in milliseconds.
     fn percentile_ms(&self, percent: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((percent / 100.0) * self.latencies.len() as f64).ceil() as usize;
-        self.latencies[rank.clamp(1, self.latencies.len()) - 1].as_secs_f64() * 1000.0
+        bench::percentile_ms(&self.latencies, percent)
     }
 }
 
-/// A `skiff-control serve` on a temporary data directory, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(executable: &Path, data_dir: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
-        let log = data_dir.join("skiff-control.log");
-        let log_file =
-            fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut child = Command::new(executable)
+/// Starts `skiff-control serve` on a temporary data directory; returns the process (killed
+/// on drop) and the URL it serves.
+fn start_server(executable: &Path, data_dir: &Path) -> anyhow::Result<(Process, String)> {
+    fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let log = data_dir.join("skiff-control.log");
+    let server = Process::start(
+        Command::new(executable)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("start {}", executable.display()))?;
-        let stdout = child.stdout.take().context("skiff-control's stdout")?;
-        let (sender, receiver) = std::sync::mpsc::channel();
-        // Keeps draining stdout so that the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("skiff-control serving ") {
-                    let _ = sender.send(url.trim().to_string());
-                }
-            }
-        });
-        let mut server = Self {
-            child,
-            url: String::new(),
-            log,
-        };
-        server.url = receiver
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "skiff-control did not report its address within 30 s; see {}",
-                    server.log.display()
-                )
-            })?;
-        Ok(server)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads the whole response and fails unless its status is a success.
-async fn expect_success(response: reqwest::Response, what: &str) -> anyhow::Result<Vec<u8>> {
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .with_context(|| format!("{what}: read the response"))?;
-    anyhow::ensure!(
-        status.is_success(),
-        "{what}: {status}: {}",
-        String::from_utf8_lossy(&body)
-    );
-    Ok(body.to_vec())
+            .env("RUST_LOG", "warn"),
+        &log,
+    )?;
+    let url = server.wait_for_line("skiff-control serving ", Duration::from_secs(30), &log)?;
+    Ok((server, url))
 }
 
 /// Sends `count` requests from `clients` concurrent tasks, started at `rate` per second when
@@ -449,14 +387,6 @@ fn fsync_floor(path: &Path, payloads: &[String], writers: usize) -> anyhow::Resu
     Ok(Sample::new(latencies, started.elapsed()))
 }
 
-fn megabytes(bytes: u64) -> f64 {
-    bytes as f64 / 1e6
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "ok" } else { "MISSED" }
-}
-
 fn row(label: &str, sample: &Sample, target: &str) {
     println!(
         "{label:<40} {:>7} {:>9.0} {:>8.2} {:>8.2}  {target}",
@@ -511,10 +441,9 @@ async fn bench(args: &ApiBenchArgs, executable: &Path, dir: &Path) -> anyhow::Re
     })?;
 
     let data_dir = dir.join("control");
-    let server = Server::start(executable, &data_dir)?;
+    let (server, url) = start_server(executable, &data_dir)?;
     let kubeconfig = Kubeconfig::read(&data_dir.join("admin.kubeconfig"))?;
     let client = kubeconfig.client()?;
-    let url = server.url.clone();
     let (rss_idle, _) = cluster::resident_memory(server.pid())?;
 
     let unpaced: Arc<Vec<(String, String)>> = Arc::new(

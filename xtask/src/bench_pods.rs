@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use crate::bench::{TICKS_PER_SECOND, expect_json, ms, percentile, process_cpu_seconds, verdict};
 use crate::cluster::{self, Kubeconfig};
 use crate::node::{self, Layout};
 use crate::oci_image::{self, BUSYBOX_IMAGE};
@@ -145,23 +146,6 @@ fn free_subnet(seed: u32) -> anyhow::Result<(Ipv4Addr, u8)> {
         .context("no free /24 in 10.246.0.0/16 for the bench's pods")
 }
 
-/// Nearest-rank percentile of sorted `values`.
-fn percentile(sorted: &[Duration], percent: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "ok" } else { "MISSED" }
-}
-
 /// p50 and p99 of `values` (sorted here).
 fn p50_p99(values: &mut [Duration]) -> (Duration, Duration) {
     values.sort();
@@ -206,20 +190,6 @@ fn record(seen: &Seen, pod: &Value, at: SystemTime) {
     if let Some(id) = pod["status"]["containerStatuses"][0]["containerID"].as_str() {
         entry.container_id = id.trim_start_matches("containerd://").to_string();
     }
-}
-
-async fn expect_success(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .with_context(|| format!("{what}: read the response"))?;
-    anyhow::ensure!(
-        status.is_success(),
-        "{what}: {status}: {}",
-        String::from_utf8_lossy(&body)
-    );
-    serde_json::from_slice(&body).with_context(|| format!("{what}: decode the response"))
 }
 
 /// Watches the bench's pods from `revision` on and records what it sees, until dropped.
@@ -477,9 +447,6 @@ fn cgroup_cpu_seconds(dir: &Path) -> f64 {
         .map_or(0.0, |usec| usec / 1e6)
 }
 
-/// Clock ticks per second of `/proc` CPU times (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
-
 /// Busy time of all CPUs since boot: `/proc/stat`'s first line less idle and iowait.
 fn machine_busy_seconds() -> f64 {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -495,24 +462,6 @@ fn machine_busy_seconds() -> f64 {
     // guest and guest_nice are already counted in user and nice.
     let total: f64 = ticks.iter().take(8).sum();
     (total - idle) / TICKS_PER_SECOND
-}
-
-/// User plus system CPU seconds `pid` has used (0 when unreadable).
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after "(comm)": state is field 3, utime 14 and stime 15.
-    let fields: Vec<f64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .map(|f| f.parse().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0))
-        / TICKS_PER_SECOND
 }
 
 /// The proportional set size of `pid` (shared pages split among their users), in bytes.
@@ -966,7 +915,7 @@ async fn pods(
     let server = &kubeconfig.server;
     let namespace =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}});
-    expect_success(
+    expect_json(
         client
             .post(format!("{server}/api/v1/namespaces"))
             .header("content-type", "application/json")
@@ -986,7 +935,7 @@ async fn pods(
     for result in futures_join_all(warm.collect()).await {
         result.context("warm up the API connections")?;
     }
-    let list = expect_success(client.get(&pods_url).send().await?, "list the bench pods").await?;
+    let list = expect_json(client.get(&pods_url).send().await?, "list the bench pods").await?;
     let revision = list["metadata"]["resourceVersion"]
         .as_str()
         .unwrap_or("0")
@@ -1015,7 +964,7 @@ async fn pods(
                 .send()
                 .await
                 .with_context(|| format!("create pod {name}"))?;
-            expect_success(response, &format!("create pod {name}")).await?;
+            expect_json(response, &format!("create pod {name}")).await?;
             Ok::<_, anyhow::Error>((name, sent))
         }
     });
@@ -1087,13 +1036,5 @@ not an event
             Duration::from_nanos(123_456_789)
         );
         assert!(events.get("skiff", "/tasks/create", "abc").is_none());
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let values: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&values, 50.0), Duration::from_millis(50));
-        assert_eq!(percentile(&values, 99.0), Duration::from_millis(99));
-        assert_eq!(percentile(&[], 99.0), Duration::ZERO);
     }
 }

@@ -9,9 +9,8 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use crate::bench::{Process, expect_json, percentile_ms, process_cpu_seconds};
 use crate::cluster::{self, Kubeconfig};
 
 #[derive(clap::Args)]
@@ -58,65 +58,6 @@ const UPSTREAM_FLOOR: &str = "680-810 pods/s";
 const TARGET_PODS_PER_SECOND: f64 = 1_500.0;
 const TARGET_DEPLOYMENT_SECONDS: f64 = 15.0;
 
-/// A child process killed on drop, with its stdout lines forwarded to a channel.
-struct Process {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn start(command: &mut Command, log: &Path) -> anyhow::Result<Self> {
-        let log_file =
-            fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("start {command:?}"))?;
-        let stdout = child.stdout.take().context("child's stdout")?;
-        let (sender, lines) = std::sync::mpsc::channel();
-        // Keeps draining stdout so that the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        Ok(Self { child, lines })
-    }
-
-    /// Waits for a stdout line starting with `prefix` and returns the rest of it.
-    fn wait_for_line(&self, prefix: &str, timeout: Duration, log: &Path) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return Ok(rest.trim().to_string());
-                    }
-                }
-                Err(_) => anyhow::bail!(
-                    "no {prefix:?} line within {} s; see {}",
-                    timeout.as_secs(),
-                    log.display()
-                ),
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn pod_body(name: &str) -> String {
     json!({
         "apiVersion": "v1",
@@ -149,34 +90,6 @@ fn strip_ansi(text: &str) -> String {
     plain
 }
 
-/// User plus system CPU seconds `pid` has used so far (0 when unreadable).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after "(comm)": state is field 3, utime 14 and stime 15, in clock ticks.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(14) + ticks(15)) / 100.0
-}
-
-/// Nearest-rank percentile of sorted `values`, in milliseconds.
-fn percentile_ms(sorted: &[Duration], percent: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
-}
-
 /// When the bench's watch first saw each pod bound, by name.
 type BoundAt = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -191,8 +104,7 @@ async fn watch_bindings(
 ) -> anyhow::Result<()> {
     let mut first = true;
     loop {
-        let list =
-            expect_success(client.get(&pods_url).send().await?, "list the bench pods").await?;
+        let list = expect_json(client.get(&pods_url).send().await?, "list the bench pods").await?;
         let listed = Instant::now();
         if !first {
             restarts.fetch_add(1, Ordering::Relaxed);
@@ -244,20 +156,6 @@ fn record_bound(bound: &BoundAt, pod: &Value, at: Instant) {
             .entry(name.to_string())
             .or_insert(at);
     }
-}
-
-async fn expect_success(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .with_context(|| format!("{what}: read the response"))?;
-    anyhow::ensure!(
-        status.is_success(),
-        "{what}: {status}: {}",
-        String::from_utf8_lossy(&body)
-    );
-    serde_json::from_slice(&body).with_context(|| format!("{what}: decode the response"))
 }
 
 /// Waits until `count` entries of `bound` (whose names `is_ours` accepts) are there, or no
@@ -348,8 +246,8 @@ pub fn run(args: &SchedBenchArgs) -> anyhow::Result<()> {
         .context("start the bench's runtime")?;
     let result = runtime.block_on(measure(args, &url, &kubeconfig));
     let (_, control_peak) = cluster::resident_memory(server.pid())?;
-    let control_cpu = cpu_seconds(server.pid());
-    let sim_cpu = cpu_seconds(sim.pid());
+    let control_cpu = process_cpu_seconds(server.pid());
+    let sim_cpu = process_cpu_seconds(sim.pid());
     let (_, sim_peak) = cluster::resident_memory(sim.pid()).unwrap_or((0, 0));
     let report = result?;
 
@@ -470,7 +368,7 @@ async fn measure(
     let client = kubeconfig.client()?;
     let namespace =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}});
-    expect_success(
+    expect_json(
         client
             .post(format!("{base}/api/v1/namespaces"))
             .json(&namespace)
@@ -520,7 +418,7 @@ async fn measure(
                     .send()
                     .await
                     .with_context(|| format!("create pod {name}"))?;
-                expect_success(response, &format!("create pod {name}")).await?;
+                expect_json(response, &format!("create pod {name}")).await?;
             }
         });
     }
@@ -595,7 +493,7 @@ async fn measure_deployment(
             }
         })
     };
-    expect_success(
+    expect_json(
         client
             .post(&deployments)
             .json(&deployment("probe", 1))
@@ -615,7 +513,7 @@ async fn measure_deployment(
         ));
     }
     let started = Instant::now();
-    expect_success(
+    expect_json(
         client
             .post(&deployments)
             .json(&deployment("big", replicas))

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's entry point for setup, building, the local cluster, tests and
 //! benchmarks.
 
+mod bench;
 mod bench_api;
 mod bench_cni;
 mod bench_lb;
