@@ -148,6 +148,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     )
     .await
     .context("start the node API")?;
+    let executor =
+        crate::exec::Executor::new(runtime.containerd().clone(), config.run_dir.join("exec"));
+    let node_api = node_api.with_executor(executor.clone());
+    tokio::spawn(async move { executor.remove_orphans().await });
     tracing::info!(address = %node_api.local_addr(), "node API listening");
     if config.client_ca_file.is_none() && config.node_api_token_file.is_none() {
         tracing::warn!(

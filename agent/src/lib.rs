@@ -8,6 +8,7 @@ pub mod cni;
 pub mod config;
 pub mod containerd;
 pub mod events;
+pub mod exec;
 pub mod image;
 pub mod lb;
 pub mod logs;

@@ -1,6 +1,7 @@
-//! The node API, the kubelet's port: `GET /healthz`, `GET /pods` and
-//! `GET /containerLogs/{namespace}/{pod}/{container}` over HTTPS (hyper + rustls), which the
-//! API server proxies `pods/{name}/log` to.
+//! The node API, the kubelet's port: `GET /healthz`, `GET /pods`,
+//! `GET /containerLogs/{namespace}/{pod}/{container}` and the WebSocket upgrade of
+//! `/exec/{namespace}/{pod}/{container}` ([`crate::exec`]) over HTTPS (hyper + rustls), which
+//! the API server proxies `pods/{name}/log` and `pods/{name}/exec` to.
 //!
 //! **Architecture invariant:** everything but `/healthz` needs a client certificate signed
 //! by the configured CA (the control plane's, with which the API server mints its client
@@ -34,7 +35,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::exec::{self, ExecOptions, Executor};
 use crate::logs::{LogOptions, StreamSelection, read_logs};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// What the node API serves, supplied by the agent.
 pub trait NodeState: Send + Sync {
@@ -53,6 +56,23 @@ pub trait NodeState: Send + Sync {
         container: &str,
         previous: bool,
     ) -> Result<ContainerLogSource, LogLookupError>;
+
+    /// The containerd ID of a container that runs now, for exec. An unknown pod is
+    /// [`LogLookupError::PodNotFound`]; a container that is unknown or not running is
+    /// [`LogLookupError::ContainerNotFound`], as the kubelet finds only running containers.
+    /// By default there is none: a state that runs no containers serves logs only.
+    fn running_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<String, LogLookupError> {
+        let _ = namespace;
+        Err(LogLookupError::ContainerNotFound {
+            pod: pod.to_string(),
+            container: container.to_string(),
+        })
+    }
 }
 
 /// A container log to read, and whether its container is still running (a follower stops
@@ -139,7 +159,7 @@ pub struct NodeApiConfig {
 pub struct NodeApi {
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    service: Arc<Service>,
+    service: Service,
     serving_ca_pem: Option<String>,
 }
 
@@ -168,12 +188,19 @@ impl NodeApi {
         Ok(Self {
             listener,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-            service: Arc::new(Service {
+            service: Service {
                 state,
                 users_by_token: tokens,
-            }),
+                executor: None,
+            },
             serving_ca_pem,
         })
+    }
+
+    /// Serves `/exec` with `executor`; without one, exec requests are refused.
+    pub fn with_executor(mut self, executor: Executor) -> Self {
+        self.service.executor = Some(executor);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -189,6 +216,7 @@ impl NodeApi {
 
     /// Serves connections until the process ends.
     pub async fn run(self) -> anyhow::Result<()> {
+        let service = Arc::new(self.service);
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -201,7 +229,7 @@ impl NodeApi {
             };
             let _ = stream.set_nodelay(true);
             let acceptor = self.acceptor.clone();
-            let service = self.service.clone();
+            let service = service.clone();
             tokio::spawn(async move {
                 let tls =
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
@@ -226,7 +254,7 @@ impl NodeApi {
                     async move { Ok::<_, Infallible>(service.handle(request, client_certificate).await) }
                 });
                 let result = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), handler)
+                    .serve_connection_with_upgrades(TokioIo::new(tls), handler)
                     .await;
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "node API connection ended with an error");
@@ -238,15 +266,37 @@ impl NodeApi {
 
 type Body = UnsyncBoxBody<Bytes, io::Error>;
 
+/// The streaming requests of the node API.
+#[derive(Clone, Copy, Debug)]
+enum Stream {
+    /// A new process in the container.
+    Exec,
+    /// The streams of the container's own process.
+    Attach,
+}
+
+/// What an upgraded stream connection serves.
+enum Session {
+    Exec(Executor, String),
+    Attach(ContainerLogSource),
+}
+
 struct Service {
     state: Arc<dyn NodeState>,
     users_by_token: HashMap<String, String>,
+    executor: Option<Executor>,
 }
 
 impl Service {
-    async fn handle<B>(&self, request: Request<B>, client_certificate: bool) -> Response<Body> {
+    async fn handle<B>(&self, mut request: Request<B>, client_certificate: bool) -> Response<Body> {
         let path = request.uri().path().to_string();
-        if request.method() != Method::GET && request.method() != Method::HEAD {
+        // A stream is upgraded from a GET (WebSocket) or a POST (SPDY, which is refused
+        // below with a message).
+        let streaming = path.starts_with("/exec/") || path.starts_with("/attach/");
+        let allowed = request.method() == Method::GET
+            || request.method() == Method::HEAD
+            || (streaming && request.method() == Method::POST);
+        if !allowed {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
             response
                 .headers_mut()
@@ -286,7 +336,136 @@ impl Service {
                     .await;
             }
         }
+        let stream = [("/exec/", Stream::Exec), ("/attach/", Stream::Attach)]
+            .into_iter()
+            .find_map(|(prefix, stream)| Some((path.strip_prefix(prefix)?, stream)));
+        if let Some((rest, stream)) = stream {
+            let segments: Vec<&str> = rest.split('/').collect();
+            if let [namespace, pod, container] = segments[..]
+                && !namespace.is_empty()
+                && !pod.is_empty()
+                && !container.is_empty()
+            {
+                let (namespace, pod, container) = (
+                    percent_decode(namespace),
+                    percent_decode(pod),
+                    percent_decode(container),
+                );
+                return self.stream(stream, &mut request, &namespace, &pod, &container);
+            }
+        }
         text(StatusCode::NOT_FOUND, "404 page not found\n")
+    }
+
+    /// `/exec/{namespace}/{pod}/{container}` and `/attach/...`: checks the container runs
+    /// and the request is a WebSocket upgrade to a protocol the node speaks, answers 101 and
+    /// serves the session on the upgraded connection. Refusals are the kubelet's: 404 `pod
+    /// does not exist`, 500 `container not found ("name")`, 400 for bad options.
+    fn stream<B>(
+        &self,
+        stream: Stream,
+        request: &mut Request<B>,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Response<Body> {
+        let query = request.uri().query().unwrap_or("");
+        let parsed = match stream {
+            Stream::Exec => ExecOptions::parse(query),
+            Stream::Attach => ExecOptions::parse_attach(query),
+        };
+        let options = match parsed {
+            Ok(options) => options,
+            Err(message) => return text(StatusCode::BAD_REQUEST, &message),
+        };
+        if matches!(stream, Stream::Attach) && options.stdin {
+            // kubectl asks for stdin only of a container whose spec has one.
+            return text(
+                StatusCode::BAD_REQUEST,
+                "attaching to stdin is not supported: containers run without one",
+            );
+        }
+        let container_id = match self.state.running_container(namespace, pod, container) {
+            Ok(id) => id,
+            Err(LogLookupError::PodNotFound { .. }) => {
+                return text(StatusCode::NOT_FOUND, "pod does not exist");
+            }
+            Err(_) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("container not found ({container:?})"),
+                );
+            }
+        };
+        let headers = request.headers();
+        let header_text = |name: header::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("")
+        };
+        let websocket = header_text(header::UPGRADE).eq_ignore_ascii_case("websocket");
+        let key = header_text(header::SEC_WEBSOCKET_KEY).to_string();
+        if !websocket || key.is_empty() {
+            return bad_request_status(
+                "skiff nodes speak the WebSocket remote command protocols (v5.channel.k8s.io, \
+                 v4.channel.k8s.io) only; SPDY is not supported",
+            );
+        }
+        let offered = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|value| value.to_str().ok());
+        let Some(protocol) = exec::negotiate(offered) else {
+            return bad_request_status(
+                "none of the offered protocols is supported (v5.channel.k8s.io, \
+                 v4.channel.k8s.io)",
+            );
+        };
+        let session = match stream {
+            Stream::Exec => {
+                let Some(executor) = self.executor.clone() else {
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "exec is not available on this node",
+                    );
+                };
+                Session::Exec(executor, container_id)
+            }
+            Stream::Attach => match self.state.container_log(namespace, pod, container, false) {
+                Ok(log) => Session::Attach(log),
+                Err(error) => return text(error.status(), &error.to_string()),
+            },
+        };
+        let on_upgrade = hyper::upgrade::on(request);
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => TokioIo::new(upgraded),
+                Err(error) => {
+                    tracing::debug!(%error, "stream connection upgrade failed");
+                    return;
+                }
+            };
+            match session {
+                Session::Exec(executor, container_id) => {
+                    executor
+                        .serve(upgraded, protocol, &container_id, options)
+                        .await;
+                }
+                Session::Attach(log) => exec::serve_attach(upgraded, log, options).await,
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(
+                header::SEC_WEBSOCKET_ACCEPT,
+                derive_accept_key(key.as_bytes()),
+            )
+            .header(header::SEC_WEBSOCKET_PROTOCOL, protocol)
+            .body(full(Bytes::new()))
+            .expect("a valid response")
     }
 
     fn token_user<B>(&self, request: &Request<B>) -> Option<&str> {
@@ -362,6 +541,25 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// A 400 as a `Status`, which kubectl prints as it is: a plain-text body holding `: ` reads
+/// to its decoder as a YAML mapping, and its message would be lost.
+fn bad_request_status(message: &str) -> Response<Body> {
+    let status = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "BadRequest",
+        "code": 400,
+    });
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(status.to_string()))
+        .expect("a valid response")
 }
 
 fn text(status: StatusCode, message: &str) -> Response<Body> {
@@ -816,6 +1014,24 @@ mod tests {
                 }),
             }
         }
+
+        fn running_container(
+            &self,
+            namespace: &str,
+            pod: &str,
+            container: &str,
+        ) -> Result<String, LogLookupError> {
+            if namespace != "default" || pod != "web" {
+                return Err(LogLookupError::PodNotFound { pod: pod.into() });
+            }
+            match container {
+                "app" => Ok("0123abcd".into()),
+                _ => Err(LogLookupError::ContainerNotFound {
+                    pod: pod.into(),
+                    container: container.into(),
+                }),
+            }
+        }
     }
 
     struct Pki {
@@ -990,6 +1206,31 @@ mod tests {
             ),
             ("/containerLogs/default/web", 404, "404 page not found\n"),
             ("/metrics", 404, "404 page not found\n"),
+            (
+                "/exec/default/nope/app?command=ls&stdout=1",
+                404,
+                "pod does not exist",
+            ),
+            (
+                "/exec/default/web/db?command=ls&stdout=1",
+                500,
+                "container not found (\"db\")",
+            ),
+            (
+                "/exec/default/web/app?stdout=1",
+                400,
+                "you must specify at least one command for the container",
+            ),
+            (
+                "/attach/default/web/app?input=1&output=1",
+                400,
+                "attaching to stdin is not supported: containers run without one",
+            ),
+            (
+                "/attach/default/nope/app?output=1",
+                404,
+                "pod does not exist",
+            ),
         ] {
             assert_eq!(
                 get(&client, url(path), Some(TOKEN)).await,
@@ -1004,6 +1245,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status().as_u16(), 405);
+
+        // An exec that is no WebSocket upgrade (SPDY, or plain HTTP) is refused by name.
+        let (status, body) = get(
+            &client,
+            url("/exec/default/web/app?command=ls&stdout=1"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(body.contains("SPDY is not supported"), "{body}");
+        // A WebSocket upgrade to a node without an executor: 503 before any upgrade.
+        let response = client
+            .get(url("/exec/default/web/app?command=ls&stdout=1"))
+            .bearer_auth(TOKEN)
+            .header("Upgrade", "websocket")
+            .header("Connection", "Upgrade")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Protocol", "v5.channel.k8s.io")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 503);
     }
 
     #[test]

@@ -75,8 +75,9 @@ async fn serve_request(
 }
 
 /// The serving TLS settings. Also mints the API server's client certificate for node APIs
-/// from the same CA and hands it to the `pods/log` proxy: both are the server's
-/// credentials, made once at start from the data directory.
+/// from the same CA and hands it to the node proxy (`pods/log`, `pods/exec`,
+/// `pods/attach`): both are the server's credentials, made once at start from the data
+/// directory.
 pub fn tls_config(paths: &PkiPaths) -> anyhow::Result<rustls::ServerConfig> {
     crate::api::proxy::install_client_identity(
         crate::pki::node_client_identity(paths).context("mint the node API client certificate")?,
@@ -146,11 +147,14 @@ pub async fn serve(
                         }
                         Err(_) => return,
                     };
-                    builder.serve_connection(TokioIo::new(tls), service).await
+                    // Upgrades: `pods/exec` turns the connection into a WebSocket.
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .await
                 }
                 None => {
                     builder
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await
                 }
             };

@@ -19,6 +19,7 @@ pub mod node;
 pub mod oci_image;
 pub mod pod_cluster;
 pub mod registry;
+pub mod vm;
 
 /// The directory holding the workspace's binaries for this build profile.
 pub fn binary_dir() -> PathBuf {

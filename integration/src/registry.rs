@@ -24,16 +24,23 @@ pub struct Registry {
 impl Registry {
     /// A registry that serves anyone.
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
     /// A registry that wants Basic credentials (htpasswd) for everything; skiff has none,
     /// so every pull is refused with 401.
     pub fn start_with_basic_auth() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(basic_auth: bool) -> Self {
+    /// A registry that wants Basic credentials and knows one user, `username` with
+    /// `password` (its htpasswd entry bcrypt-hashed by Python's `crypt`, whose libxcrypt
+    /// makes `$2b$` hashes). Push to it with [`Registry::push_layout_as`].
+    pub fn start_with_user(username: &str, password: &str) -> Self {
+        Self::start_with(true, Some((username, password)))
+    }
+
+    fn start_with(basic_auth: bool, user: Option<(&str, &str)>) -> Self {
         require_tool(
             "docker-registry",
             "install Debian's docker-registry (`cargo xtask deps`)",
@@ -42,6 +49,13 @@ impl Registry {
             .prefix("skiff-registry-")
             .tempdir()
             .expect("temp dir for the registry");
+        if let Some((username, password)) = user {
+            std::fs::write(
+                temp.path().join("htpasswd"),
+                format!("{username}:{}\n", bcrypt_hash(password)),
+            )
+            .expect("write htpasswd");
+        }
         // The port is picked free and then given to the registry: another process may take
         // it in between, so a registry that dies at start is retried on a new port.
         for _ in 0..5 {
@@ -109,9 +123,22 @@ impl Registry {
     /// Pushes the image `tag` of the OCI layout at `layout` as `<address>/<name>` with
     /// skopeo (`name` carries the tag: `app:v1`).
     pub fn push_layout(&self, layout: &Path, tag: &str, name: &str) {
+        self.push(layout, tag, name, None);
+    }
+
+    /// [`Registry::push_layout`] to a registry that wants `username:password`.
+    pub fn push_layout_as(&self, layout: &Path, tag: &str, name: &str, credentials: &str) {
+        self.push(layout, tag, name, Some(credentials));
+    }
+
+    fn push(&self, layout: &Path, tag: &str, name: &str, credentials: Option<&str>) {
         require_tool("skopeo", "install Debian's skopeo (`cargo xtask deps`)");
-        let output = Command::new("skopeo")
-            .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+        let mut command = Command::new("skopeo");
+        command.args(["copy", "--insecure-policy", "--dest-tls-verify=false"]);
+        if let Some(credentials) = credentials {
+            command.arg(format!("--dest-creds={credentials}"));
+        }
+        let output = command
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}", self.reference(name)))
             .env("TMPDIR", self.temp.path())
@@ -171,6 +198,31 @@ fn wait_ready(address: &str, child: &mut Child, log: &Path) -> bool {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A bcrypt hash of `password` as htpasswd files hold them.
+fn bcrypt_hash(password: &str) -> String {
+    require_tool(
+        "python3",
+        "install python3 (it hashes the test registry's password)",
+    );
+    let output = Command::new("python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+            password,
+        ])
+        .output()
+        .expect("run python3");
+    let hash = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        output.status.success() && hash.starts_with("$2"),
+        "bcrypt with python3's crypt failed: {hash} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    hash
 }
 
 fn get_status(address: &str, path: &str) -> Option<u16> {

@@ -16,7 +16,9 @@ use skiff_agent::containerd::api::snapshots::{
 };
 use skiff_agent::containerd::api::{GetImageRequest, InfoRequest, ListContentRequest, ListRequest};
 use skiff_agent::containerd::{Client, RUNC_RUNTIME, api};
-use skiff_agent::image::{ImageError, ImageInfo, ImageService, PullPolicy, RegistryConfig};
+use skiff_agent::image::{
+    Credentials, ImageError, ImageInfo, ImageService, PullPolicy, RegistryConfig,
+};
 
 const GREETING: &[u8] = b"hello from layer two\n";
 
@@ -545,6 +547,37 @@ async fn unreachable_and_unauthorized_registries() {
         .unwrap_err();
     eprintln!("https to an http registry: {error}");
     assert_eq!(error.kubelet_reason(), "ErrImagePull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_with_credentials_try_each_until_one_is_let_in() {
+    let setup = setup().await;
+    let registry = Registry::start_with_user("puller", "s3cret-pw");
+    let layout = tempfile::tempdir().expect("temp dir");
+    ImageBuilder::busybox().write_layout(layout.path(), "4");
+    registry.push_layout_as(layout.path(), "4", "private/app:v4", "puller:s3cret-pw");
+    let service = images(&setup.client, Some(&registry));
+    let name = registry.reference("private/app:v4");
+    let user = |password: &str| Credentials {
+        username: "puller".into(),
+        password: password.into(),
+    };
+    // The registry checks the password (Basic auth, as its htpasswd challenge asks).
+    let error = service
+        .pull_with_credentials(&name, &[user("wrong")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ImageError::Unauthorized { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().ends_with("(401)"), "{error}");
+    // As the kubelet does, each matching credential is tried in turn.
+    let info = service
+        .pull_with_credentials(&name, &[user("wrong"), user("s3cret-pw")])
+        .await
+        .expect("pull with the second credentials");
+    assert!(info.id.starts_with("sha256:"), "{info:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

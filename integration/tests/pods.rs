@@ -431,6 +431,66 @@ fn images_are_pulled_and_a_missing_one_backs_off_with_the_registry_reason() {
 }
 
 #[test]
+fn image_pull_secrets_authenticate_pulls_and_a_wrong_password_backs_off_with_the_401() {
+    use base64::Engine as _;
+    let registry = integration::registry::Registry::start_with_user("puller", "s3cret-pw");
+    let layout = tempfile::tempdir().expect("temp dir");
+    ImageBuilder::busybox().write_layout(layout.path(), "3");
+    registry.push_layout_as(layout.path(), "3", "private/busybox:3", "puller:s3cret-pw");
+    let cluster = cluster_with(&["--insecure-registry", &registry.address]);
+    let image = registry.reference("private/busybox:3");
+    let address = &registry.address;
+    let base64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    // A dockerconfigjson secret as `kubectl create secret docker-registry` makes it, a
+    // legacy dockercfg one given through the ServiceAccount, and one with a wrong password.
+    cluster.plane.kubectl(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "good",
+        &format!("--docker-server={address}"),
+        "--docker-username=puller",
+        "--docker-password=s3cret-pw",
+    ]);
+    let dockercfg = |password: &str| {
+        base64(
+            &serde_json::json!({ address.as_str(): {"auth": base64(&format!("puller:{password}"))} })
+                .to_string(),
+        )
+    };
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: legacy\ntype: kubernetes.io/dockercfg\ndata:\n  .dockercfg: {}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: wrong\ntype: kubernetes.io/dockercfg\ndata:\n  .dockercfg: {}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: puller\nimagePullSecrets:\n- name: legacy\n",
+        dockercfg("s3cret-pw"),
+        dockercfg("not-the-password"),
+    ));
+    let pod = |name: &str, extra: &str| {
+        cluster.apply_pod(
+            name,
+            &format!(
+                "{extra}  containers:\n  - name: app\n    image: {image}\n    imagePullPolicy: Always\n    command: [\"sleep\", \"1000\"]\n"
+            ),
+        )
+    };
+    pod("private", "  imagePullSecrets:\n  - name: good\n");
+    pod("by-account", "  serviceAccountName: puller\n");
+    pod("refused", "  imagePullSecrets:\n  - name: wrong\n");
+    for name in ["private", "by-account"] {
+        cluster.wait_for_pod(name, "Running", |pod| phase(pod) == "Running");
+    }
+    let waiting = |pod: &Value| pod["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+    let pod = cluster.wait_for_pod("refused", "ImagePullBackOff", |pod| {
+        waiting(pod)["reason"] == "ImagePullBackOff"
+    });
+    let message = waiting(&pod)["message"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with(&format!(
+            "Back-off 10s pulling image \"{image}\": ErrImagePull: pull {image}: unauthorized: "
+        )) && message.ends_with("(401)"),
+        "{message}"
+    );
+}
+
+#[test]
 fn volumes_env_and_init_containers_reach_the_container_and_stop_runs_pre_stop_then_term() {
     let cluster = cluster();
     let host_dir = tempfile::tempdir().expect("temp dir");

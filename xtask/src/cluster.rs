@@ -53,6 +53,25 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "iptables",
         "`bench lb` compares with kube-proxy's iptables rules",
     ),
+    // The cgroup v2 guest VM test (integration/src/vm.rs): debootstrap builds the image,
+    // mkfs.ext4 and qemu-img make its disks, and Debian's QEMU (extracted with `apt-get
+    // download` + `dpkg -x`, since an installed newer qemu-utils conflicts with
+    // qemu-system-x86) boots it with SeaBIOS and iPXE's ROMs and these shared libraries.
+    ("debootstrap", "builds the cgroup v2 guest VM's image"),
+    ("e2fsprogs", "`mkfs.ext4 -d` makes the guest VM's disks"),
+    (
+        "qemu-utils",
+        "`qemu-img` makes the guest VM's qcow2 overlays",
+    ),
+    ("seabios", "the BIOS the guest VM's QEMU boots with"),
+    ("ipxe-qemu", "the option ROMs the guest VM's QEMU loads"),
+    ("libcapstone4", "a library the guest VM's QEMU links"),
+    ("libfdt1", "a library the guest VM's QEMU links"),
+    ("libpmem1", "a library the guest VM's QEMU links"),
+    ("librdmacm1", "a library the guest VM's QEMU links"),
+    ("libibverbs1", "a library the guest VM's QEMU links"),
+    ("libslirp0", "a library the guest VM's QEMU links"),
+    ("libvdeplug2", "a library the guest VM's QEMU links"),
 ];
 
 /// The workspace root (the parent of this crate).

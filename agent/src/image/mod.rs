@@ -18,6 +18,7 @@
 
 mod archive;
 pub mod content;
+pub mod keyring;
 pub mod manifest;
 pub mod reference;
 pub mod registry;
@@ -34,7 +35,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 pub use self::manifest::{Descriptor, Platform, RuntimeConfig};
 use self::manifest::{ImageConfigFile, Index, MAX_MANIFEST_SIZE, Manifest};
 pub use self::reference::{Reference, ReferenceError};
-pub use self::registry::RegistryConfig;
+pub use self::registry::{Credentials, RegistryConfig};
 use self::registry::{Registries, RegistryError, Repository};
 use crate::containerd::api::{
     CreateImageRequest, DeleteImageRequest, GetImageRequest, Image, ListImagesRequest,
@@ -332,12 +333,24 @@ impl ImageService {
                 reference: reference.to_string(),
             });
         }
-        self.pull_reference(&reference).await
+        self.pull_reference(&reference, &[]).await
     }
 
     /// Pulls `image` from its registry and unpacks it.
     pub async fn pull(&self, image: &str) -> Result<ImageInfo, ImageError> {
-        self.pull_reference(&Reference::parse(image)?).await
+        self.pull_reference(&Reference::parse(image)?, &[]).await
+    }
+
+    /// Pulls `image` with the credentials the pod's pull secrets hold for its registry
+    /// ([`keyring::Keyring::lookup`]), each tried in turn until one pull succeeds, as the
+    /// kubelet tries them; the last failure is returned. None means an anonymous pull.
+    pub async fn pull_with_credentials(
+        &self,
+        image: &str,
+        credentials: &[Credentials],
+    ) -> Result<ImageInfo, ImageError> {
+        self.pull_reference(&Reference::parse(image)?, credentials)
+            .await
     }
 
     /// The image if its record exists and everything it needs is in the content store;
@@ -505,10 +518,30 @@ impl ImageService {
         })
     }
 
-    async fn pull_reference(&self, reference: &Reference) -> Result<ImageInfo, ImageError> {
+    async fn pull_reference(
+        &self,
+        reference: &Reference,
+        credentials: &[Credentials],
+    ) -> Result<ImageInfo, ImageError> {
+        let Some((last, first)) = credentials.split_last() else {
+            return self.pull_once(reference, None).await;
+        };
+        for credentials in first {
+            if let Ok(info) = self.pull_once(reference, Some(credentials)).await {
+                return Ok(info);
+            }
+        }
+        self.pull_once(reference, Some(last)).await
+    }
+
+    async fn pull_once(
+        &self,
+        reference: &Reference,
+        credentials: Option<&Credentials>,
+    ) -> Result<ImageInfo, ImageError> {
         let started = Instant::now();
         let lease = LazyLease::new(&self.client);
-        let result = self.pull_leased(reference, &lease).await;
+        let result = self.pull_leased(reference, credentials, &lease).await;
         let released = lease
             .release()
             .await
@@ -522,10 +555,11 @@ impl ImageService {
     async fn pull_leased(
         &self,
         reference: &Reference,
+        credentials: Option<&Credentials>,
         lease: &LazyLease<'_>,
     ) -> Result<ImageInfo, ImageError> {
         let name = reference.to_string();
-        let repository = self.registries.repository(reference);
+        let repository = self.registries.repository(reference, credentials.cloned());
         let registry_error = |error| ImageError::from_registry(reference, error);
         let pull = || format!("pull {name}");
 

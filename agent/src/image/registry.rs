@@ -1,5 +1,7 @@
 //! A client of the OCI distribution API (`/v2/`): resolving a tag to a manifest descriptor,
-//! fetching manifests and blobs, and the anonymous `WWW-Authenticate: Bearer` token flow.
+//! fetching manifests and blobs, and authentication as the registry's `WWW-Authenticate`
+//! challenge asks: a `Bearer` token from its token service (anonymous, or with the pull
+//! secret's credentials as Basic auth), or Basic auth to the registry itself.
 //! Registries listed as plain HTTP are reached without TLS, as containerd's `plain-http`
 //! hosts are.
 
@@ -60,6 +62,29 @@ pub enum RegistryError {
     Other(String),
 }
 
+/// A user name and password for a registry, from an image pull secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password: errors and logs print credentials.
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a repository session authenticates its requests, once a challenge said how.
+#[derive(Clone)]
+enum Auth {
+    Bearer(String),
+    Basic,
+}
+
 /// The shared HTTP client and configuration; one per image service.
 pub struct Registries {
     http: reqwest::Client,
@@ -81,8 +106,13 @@ impl Registries {
         &self.config
     }
 
-    /// A session with the repository of `reference`; it keeps its token for its lifetime.
-    pub fn repository(&self, reference: &Reference) -> Repository<'_> {
+    /// A session with the repository of `reference`, authenticating with `credentials`
+    /// when the registry asks for them; it keeps its token for its lifetime.
+    pub fn repository(
+        &self,
+        reference: &Reference,
+        credentials: Option<Credentials>,
+    ) -> Repository<'_> {
         let scheme = if self
             .config
             .plain_http
@@ -103,7 +133,8 @@ impl Registries {
             registry: reference.domain.clone(),
             base: format!("{scheme}://{host}/v2/{}", reference.path),
             path: reference.path.clone(),
-            token: tokio::sync::Mutex::new(None),
+            credentials,
+            auth: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -121,7 +152,8 @@ pub struct Repository<'a> {
     /// `scheme://host/v2/<path>`.
     base: String,
     path: String,
-    token: tokio::sync::Mutex<Option<String>>,
+    credentials: Option<Credentials>,
+    auth: tokio::sync::Mutex<Option<Auth>>,
 }
 
 impl Repository<'_> {
@@ -262,37 +294,46 @@ impl Repository<'_> {
         Ok(body)
     }
 
-    /// Sends a request with the session's token; on a `401` with a `Bearer` challenge,
-    /// gets a token from the realm and tries once more.
+    /// Sends a request with the session's authentication; on a `401` with a `Bearer`
+    /// challenge, gets a token from the realm (with the credentials, if any), on one with a
+    /// `Basic` challenge takes the credentials, and tries once more.
     async fn send(
         &self,
         method: Method,
         url: &str,
         accept: Option<&str>,
     ) -> Result<Response, RegistryError> {
-        let mut fetched_token = false;
+        let mut authenticated = false;
         loop {
             let mut request = self.http.request(method.clone(), url);
             if let Some(accept) = accept {
                 request = request.header(ACCEPT, accept);
             }
-            if let Some(token) = self.token.lock().await.as_deref() {
-                request = request.bearer_auth(token);
+            match (self.auth.lock().await.as_ref(), &self.credentials) {
+                (Some(Auth::Bearer(token)), _) => request = request.bearer_auth(token),
+                (Some(Auth::Basic), Some(credentials)) => {
+                    request = request.basic_auth(&credentials.username, Some(&credentials.password))
+                }
+                _ => {}
             }
             let response = request
                 .send()
                 .await
                 .map_err(|e| self.transport_error(&self.registry, e))?;
-            if response.status() != StatusCode::UNAUTHORIZED || fetched_token {
+            if response.status() != StatusCode::UNAUTHORIZED || authenticated {
                 return Ok(response);
             }
-            let Some(challenge) = bearer_challenge(response.headers()) else {
-                // Basic or unknown schemes need credentials skiff does not have.
-                return Ok(response);
+            let auth = match bearer_challenge(response.headers()) {
+                Some(challenge) => Auth::Bearer(self.fetch_token(&challenge).await?),
+                // Basic (or an unknown scheme) needs credentials; without any, the 401 is
+                // the answer.
+                None if self.credentials.is_some() && has_basic_challenge(response.headers()) => {
+                    Auth::Basic
+                }
+                None => return Ok(response),
             };
-            let token = self.fetch_token(&challenge).await?;
-            *self.token.lock().await = Some(token);
-            fetched_token = true;
+            *self.auth.lock().await = Some(auth);
+            authenticated = true;
         }
     }
 
@@ -315,10 +356,11 @@ impl Repository<'_> {
             .ok()
             .and_then(|url| url.host_str().map(str::to_string))
             .unwrap_or_else(|| realm.to_string());
-        let response = self
-            .http
-            .get(realm)
-            .query(&query)
+        let mut request = self.http.get(realm).query(&query);
+        if let Some(credentials) = &self.credentials {
+            request = request.basic_auth(&credentials.username, Some(&credentials.password));
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| self.transport_error(&token_host, e))?;
@@ -460,6 +502,15 @@ impl Challenge {
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
             .map(|(_, value)| value.as_str())
     }
+}
+
+fn has_basic_challenge(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(parse_challenge)
+        .any(|challenge| challenge.scheme.eq_ignore_ascii_case("basic"))
 }
 
 fn bearer_challenge(headers: &HeaderMap) -> Option<Challenge> {
@@ -646,7 +697,7 @@ mod tests {
             ..Default::default()
         });
         let reference = Reference::parse(&format!("{address}/team/app:v1")).unwrap();
-        let repository = registries.repository(&reference);
+        let repository = registries.repository(&reference, None);
         let resolved = repository.resolve("v1").await.unwrap();
         assert_eq!(resolved.descriptor.media_type, manifest::OCI_MANIFEST);
         assert!(resolved.descriptor.digest.starts_with("sha256:"));
@@ -675,6 +726,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_is_asked_for_with_the_pull_secret_credentials() {
+        let (address, server) = token_registry().await;
+        let registries = Registries::new(RegistryConfig {
+            plain_http: vec![address.clone()],
+            ..Default::default()
+        });
+        let reference = Reference::parse(&format!("{address}/team/app:v1")).unwrap();
+        let credentials = Credentials {
+            username: "user".into(),
+            password: "pw".into(),
+        };
+        let repository = registries.repository(&reference, Some(credentials));
+        let resolved = repository.resolve("v1").await.unwrap();
+        repository
+            .fetch_manifest(&resolved.descriptor)
+            .await
+            .unwrap();
+        let seen = server.await.unwrap();
+        // `user:pw` in base64; the registry itself only ever sees the token.
+        assert_eq!(
+            seen[1],
+            "GET /token?service=fake&scope=repository%3Ateam%2Fapp%3Apull HTTP/1.1 [Basic dXNlcjpwdw==]"
+        );
+        assert!(seen[2].ends_with("[Bearer t0ken]"), "{seen:?}");
+    }
+
+    #[tokio::test]
     async fn unreachable_registry() {
         // A port nothing listens on: bind one, then free it.
         let address = std::net::TcpListener::bind("127.0.0.1:0")
@@ -688,7 +766,7 @@ mod tests {
         });
         let reference = Reference::parse(&format!("{address}/app:v1")).unwrap();
         let error = registries
-            .repository(&reference)
+            .repository(&reference, None)
             .resolve("v1")
             .await
             .err()

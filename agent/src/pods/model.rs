@@ -2,6 +2,7 @@
 //! back from containerd (labels and task state) so that it survives the agent's restarts.
 
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Container, Pod};
 
 /// The labels the agent puts on every containerd container, so that after a restart it can
 /// tell which pod and which Kubernetes container each one is.
@@ -106,6 +107,27 @@ pub struct Waiting {
     pub message: String,
 }
 
+/// Whether an init container is a sidecar: a restartable init container (`restartPolicy:
+/// Always`, Kubernetes 1.29+) that starts in init order, then runs beside the app
+/// containers for the pod's whole life, restarted whatever the pod's restartPolicy.
+pub fn is_sidecar(container: &Container) -> bool {
+    container.restart_policy.as_deref() == Some("Always")
+}
+
+/// The pod's sidecars, in their order of declaration.
+pub fn sidecars(pod: &Pod) -> impl Iterator<Item = &Container> {
+    pod.spec
+        .iter()
+        .flat_map(|spec| spec.init_containers.iter().flatten())
+        .filter(|container| is_sidecar(container))
+}
+
+/// The containers that run beside each other once the pod is initialized and that probes
+/// watch: the sidecars, then the app containers.
+pub fn long_running(pod: &Pod) -> impl Iterator<Item = &Container> {
+    sidecars(pod).chain(pod.spec.iter().flat_map(|spec| spec.containers.iter()))
+}
+
 /// The latest and the previous instance of each container name, newest first.
 pub fn latest<'a>(
     records: &'a [ContainerRecord],
@@ -136,7 +158,6 @@ pub fn previous<'a>(
 #[cfg(test)]
 pub mod fixtures {
     use super::*;
-    use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
     /// Pod `default/web` (uid `u1`) with busybox containers of these names.
@@ -152,6 +173,17 @@ pub mod fixtures {
             "spec": {"restartPolicy": policy, "initContainers": containers(init), "containers": containers(apps)},
         }))
         .unwrap()
+    }
+
+    /// The same pod with the init containers `names` made sidecars (`restartPolicy: Always`).
+    pub fn with_sidecars(mut pod: Pod, names: &[&str]) -> Pod {
+        let spec = pod.spec.as_mut().expect("pod spec");
+        for init in spec.init_containers.iter_mut().flatten() {
+            if names.contains(&init.name.as_str()) {
+                init.restart_policy = Some("Always".into());
+            }
+        }
+        pod
     }
 
     /// Instance `attempt` of container `name`, with ID `<name>-<attempt>`.

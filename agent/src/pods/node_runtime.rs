@@ -20,7 +20,7 @@ use containerd_client::services::v1::{
 };
 use futures::StreamExt as _;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret, ServiceAccount};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -36,7 +36,10 @@ use crate::cni::{self, Attachment, NetworkConfigList};
 use crate::config::AgentConfig;
 use crate::containerd::{self, Client, runtime_spec_any};
 use crate::events::{EventRecorder, EventType};
-use crate::image::{ImageError, ImageInfo, ImageService, PullPolicy, Reference, RegistryConfig};
+use crate::image::keyring::Keyring;
+use crate::image::{
+    Credentials, ImageError, ImageInfo, ImageService, PullPolicy, Reference, RegistryConfig,
+};
 use crate::logs;
 use crate::sandbox::{self, Namespace, files::DnsSettings, files::NodeFiles, files::PodFiles};
 
@@ -199,6 +202,11 @@ impl NodeRuntime {
         runtime.follow_exits(exits);
         tracing::debug!(node = node_name, "container runtime ready");
         Ok(runtime)
+    }
+
+    /// The containerd connection, for the node API's exec sessions.
+    pub fn containerd(&self) -> &Client {
+        &self.containerd
     }
 
     /// "containerd://<version>" for the Node's nodeInfo.
@@ -532,6 +540,65 @@ impl NodeRuntime {
         }
     }
 
+    /// The credentials the pod's image pull secrets, and its ServiceAccount's, hold for
+    /// `image` ([`Keyring::lookup`]). A secret that cannot be read or parsed is left out
+    /// with a warning, as the kubelet leaves it out.
+    async fn pull_credentials(&self, pod: &Pod, image: &str) -> Vec<Credentials> {
+        let Ok(reference) = Reference::parse(image) else {
+            return Vec::new();
+        };
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let spec = pod.spec.as_ref();
+        let mut names: Vec<String> = spec
+            .and_then(|s| s.image_pull_secrets.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|secret| secret.name.clone())
+            .collect();
+        let account = spec
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|name| !name.is_empty())
+            .unwrap_or("default");
+        let accounts: kube::Api<ServiceAccount> =
+            kube::Api::namespaced(self.client.clone(), namespace);
+        match accounts.get_opt(account).await {
+            Ok(Some(account)) => names.extend(
+                account
+                    .image_pull_secrets
+                    .into_iter()
+                    .flatten()
+                    .map(|secret| secret.name),
+            ),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(namespace, account, error = %error, "read service account for its image pull secrets")
+            }
+        }
+        let secrets: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), namespace);
+        let mut keyring = Keyring::default();
+        let mut seen = std::collections::HashSet::new();
+        for name in names.into_iter().filter(|name| seen.insert(name.clone())) {
+            let secret = match secrets.get(&name).await {
+                Ok(secret) => secret,
+                Err(error) => {
+                    tracing::warn!(namespace, secret = %name, error = %error, "read image pull secret; the pull may not succeed");
+                    continue;
+                }
+            };
+            let data = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, value)| (key, value.0))
+                .collect();
+            let secret_type = secret.type_.as_deref().unwrap_or_default();
+            if let Err(reason) = keyring.add_secret(secret_type, &data) {
+                tracing::warn!(namespace, secret = %name, reason, "image pull secret");
+            }
+        }
+        keyring.lookup(&reference)
+    }
+
     /// Makes the container's image present as its pull policy says, recording the
     /// kubelet's events: Pulled (already present), or Pulling then Pulled or Failed.
     async fn ensure_image(
@@ -575,7 +642,12 @@ impl NodeRuntime {
             format!("Pulling image \"{image_name}\""),
         );
         let started = std::time::Instant::now();
-        match self.images.pull(image_name).await {
+        let credentials = self.pull_credentials(pod, image_name).await;
+        match self
+            .images
+            .pull_with_credentials(image_name, &credentials)
+            .await
+        {
             Ok(image) => {
                 let took = go_duration(started.elapsed());
                 record(

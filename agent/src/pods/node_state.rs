@@ -332,6 +332,38 @@ impl NodeState for AgentNodeState {
             }
         }
     }
+
+    fn running_container(
+        &self,
+        namespace: &str,
+        pod_name: &str,
+        container: &str,
+    ) -> Result<String, LogLookupError> {
+        let pod =
+            self.find_pod(namespace, pod_name)
+                .ok_or_else(|| LogLookupError::PodNotFound {
+                    pod: pod_name.to_string(),
+                })?;
+        let not_found = || LogLookupError::ContainerNotFound {
+            pod: pod_name.to_string(),
+            container: container.to_string(),
+        };
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let statuses = match self.inner().reported.get(&uid) {
+            Some(reported) => reported.clone(),
+            None => {
+                let status = serde_json::to_value(&pod.status).unwrap_or_default();
+                Arc::new(run_statuses(&status))
+            }
+        };
+        let status = statuses
+            .iter()
+            .find(|status| status.name == container && status.running)
+            .ok_or_else(not_found)?;
+        let id = status.container_id.as_deref().ok_or_else(not_found)?;
+        // `containerd://<id>`: the runtime's scheme, then containerd's container ID.
+        Ok(id.split_once("://").map_or(id, |(_, id)| id).to_string())
+    }
 }
 
 /// The worker's [`PodApi`] with the node state told of every status the worker writes and

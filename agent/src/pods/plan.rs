@@ -1,14 +1,16 @@
 //! What a pod worker should do next, decided from the pod's spec and what containerd holds
-//! (the kubelet's computePodActions): start the next init container, start or restart app
-//! containers by restartPolicy with the crash-loop back-off, kill unhealthy ones. Pure.
+//! (the kubelet's computePodActions): start the next init container or sidecar, start or
+//! restart app containers by restartPolicy with the crash-loop back-off, kill unhealthy
+//! ones, stop the sidecars of a pod whose app containers are done. Pure.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::model::{ContainerRecord, Kind, RunState, Waiting, latest};
+use super::model::{ContainerRecord, Kind, RunState, Waiting, is_sidecar, latest, sidecars};
+use super::probe::Verdicts;
 
 /// The first restart back-off, doubled after each restart up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(10);
@@ -115,13 +117,21 @@ fn pod_ref(pod: &Pod) -> String {
     )
 }
 
-/// Decides the next actions. `unhealthy` names containers whose liveness (or startup)
-/// probe failed and that must be killed to restart.
+/// Decides the next actions from what containerd holds and what the probes say
+/// (`probes.started` gates the init container after a sidecar, `probes.unhealthy` names
+/// containers whose liveness or startup probe failed and that must be killed to restart).
+///
+/// Init containers run in order: a regular one must exit 0 before the next starts, a
+/// sidecar (`restartPolicy: Always`) must have started. Once an app container has run, the
+/// pod is initialized for good: regular init containers are not run again, and a sidecar
+/// that restarts holds nothing back. Sidecars restart whatever the pod's restartPolicy,
+/// until every app container has finished for good; then they are stopped, last declared
+/// first, and the pod completes.
 pub fn plan(
     pod: &Pod,
     records: &[ContainerRecord],
-    backoffs: &mut Backoffs,
-    unhealthy: &BTreeSet<String>,
+    backoffs: &Backoffs,
+    probes: &Verdicts,
     now: Timestamp,
 ) -> Plan {
     let mut plan = Plan::default();
@@ -130,8 +140,36 @@ pub fn plan(
     };
     let policy = restart_policy(pod);
 
-    // Decides about one container's latest instance; returns whether it is done (exited
-    // for good with success for init containers).
+    // Starts an instance unless the container is backing off.
+    let start =
+        |plan: &mut Plan, kind: Kind, name: &str, attempt: u32| match backoffs.until(name, now) {
+            Some((until, delay)) => hold(plan, name, until, delay, pod),
+            None => plan.actions.push(Action::Start {
+                kind,
+                name: name.to_string(),
+                attempt,
+            }),
+        };
+    let kill_unhealthy = |plan: &mut Plan, record: &ContainerRecord| {
+        if probes.unhealthy.contains(&record.name) {
+            plan.actions.push(Action::Kill {
+                id: record.id.clone(),
+                name: record.name.clone(),
+                // A container that has not started failed its startup probe.
+                reason: format!(
+                    "Container {} failed {} probe, will be restarted",
+                    record.name,
+                    if probes.started.contains(&record.name) {
+                        "liveness"
+                    } else {
+                        "startup"
+                    }
+                ),
+            });
+        }
+    };
+
+    // Decides about a regular init container's or an app container's latest instance.
     let consider = |plan: &mut Plan, kind: Kind, name: &str| -> Step {
         let record = latest(records, name, kind);
         // The attempt to start next, if the container must (re)start.
@@ -139,15 +177,7 @@ pub fn plan(
             None => 0,
             Some(record) => match &record.state {
                 RunState::Created | RunState::Running { .. } => {
-                    if unhealthy.contains(name) {
-                        plan.actions.push(Action::Kill {
-                            id: record.id.clone(),
-                            name: name.to_string(),
-                            reason: format!(
-                                "Container {name} failed liveness probe, will be restarted"
-                            ),
-                        });
-                    }
+                    kill_unhealthy(plan, record);
                     return Step::Busy;
                 }
                 RunState::Exited { exit_code, .. } => {
@@ -162,38 +192,93 @@ pub fn plan(
                 }
             },
         };
-        match backoffs.until(name, now) {
-            Some((until, delay)) => hold(plan, name, until, delay, pod),
-            None => plan.actions.push(Action::Start {
-                kind,
-                name: name.to_string(),
-                attempt: next_attempt,
-            }),
-        }
+        start(plan, kind, name, next_attempt);
         Step::Busy
     };
 
+    // Every app container has finished for good: nothing starts again, and the sidecars
+    // still running are stopped so that the pod completes.
+    let finished_for_good = |name: &str| {
+        latest(records, name, Kind::App)
+            .and_then(ContainerRecord::exit_code)
+            .is_some_and(|code| !should_restart(policy, Kind::App, code))
+    };
+    if !spec.containers.is_empty() && spec.containers.iter().all(|c| finished_for_good(&c.name)) {
+        stop_sidecars(&mut plan, pod, records);
+        plan.terminal = true;
+        return plan;
+    }
+
+    // The kubelet's podHasInitialized: an app container created or running means every
+    // init container ran before.
+    let initialized = spec.containers.iter().any(|container| {
+        latest(records, &container.name, Kind::App).is_some_and(ContainerRecord::is_running)
+    });
     for init in spec.init_containers.iter().flatten() {
-        match consider(&mut plan, Kind::Init, &init.name) {
+        let name = init.name.as_str();
+        if is_sidecar(init) {
+            let record = latest(records, name, Kind::Init);
+            let started = match record {
+                None => {
+                    start(&mut plan, Kind::Init, name, 0);
+                    false
+                }
+                Some(record) => match &record.state {
+                    RunState::Created | RunState::Running { .. } => {
+                        kill_unhealthy(&mut plan, record);
+                        matches!(record.state, RunState::Running { .. })
+                            && probes.started.contains(name)
+                    }
+                    // A sidecar restarts whatever its exit code and the pod's policy.
+                    RunState::Exited { .. } => {
+                        start(&mut plan, Kind::Init, name, record.attempt + 1);
+                        false
+                    }
+                },
+            };
+            if !started && !initialized {
+                return plan;
+            }
+            continue;
+        }
+        if initialized {
+            continue;
+        }
+        match consider(&mut plan, Kind::Init, name) {
             Step::Done => continue,
             Step::Failed => {
+                // The pod fails: whatever of it runs (sidecars started before) stops.
+                stop_sidecars(&mut plan, pod, records);
                 plan.terminal = true;
                 return plan;
             }
             Step::Busy => return plan,
         }
     }
-    let mut finished = 0;
     for container in &spec.containers {
-        if matches!(
-            consider(&mut plan, Kind::App, &container.name),
-            Step::Done | Step::Failed
-        ) {
-            finished += 1;
-        }
+        consider(&mut plan, Kind::App, &container.name);
     }
-    plan.terminal = finished == spec.containers.len();
     plan
+}
+
+/// Stops the running sidecars of a pod that is done, one at a time and last declared
+/// first, as the kubelet orders a pod's termination: the next one is stopped on the pass
+/// after this one has exited.
+fn stop_sidecars(plan: &mut Plan, pod: &Pod, records: &[ContainerRecord]) {
+    let running = sidecars(pod)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .find_map(|sidecar| {
+            latest(records, &sidecar.name, Kind::Init).filter(|record| record.is_running())
+        });
+    if let Some(record) = running {
+        plan.actions.push(Action::Kill {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            reason: format!("Stopping container {}", record.name),
+        });
+    }
 }
 
 enum Step {
@@ -219,9 +304,11 @@ fn hold(plan: &mut Plan, name: &str, until: Timestamp, delay: Duration, pod: &Po
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
-    use crate::pods::model::fixtures::{self, pod};
+    use crate::pods::model::fixtures::{self, pod, with_sidecars};
 
     fn exited(name: &str, kind: Kind, attempt: u32, code: i32) -> ContainerRecord {
         fixtures::record(name, kind, attempt, fixtures::exited(code))
@@ -238,9 +325,9 @@ mod tests {
     #[test]
     fn init_containers_run_one_at_a_time_in_order() {
         let pod = pod("Always", &["a", "b"], &["app"]);
-        let mut backoffs = Backoffs::default();
-        let none = BTreeSet::new();
-        let first = plan(&pod, &[], &mut backoffs, &none, now());
+        let backoffs = Backoffs::default();
+        let none = Verdicts::default();
+        let first = plan(&pod, &[], &backoffs, &none, now());
         assert_eq!(
             first.actions,
             [Action::Start {
@@ -252,7 +339,7 @@ mod tests {
         let waiting = plan(
             &pod,
             &[running("a", Kind::Init, 0)],
-            &mut backoffs,
+            &backoffs,
             &none,
             now(),
         );
@@ -260,7 +347,7 @@ mod tests {
         let second = plan(
             &pod,
             &[exited("a", Kind::Init, 0, 0)],
-            &mut backoffs,
+            &backoffs,
             &none,
             now(),
         );
@@ -275,7 +362,7 @@ mod tests {
         let apps = plan(
             &pod,
             &[exited("a", Kind::Init, 0, 0), exited("b", Kind::Init, 0, 0)],
-            &mut backoffs,
+            &backoffs,
             &none,
             now(),
         );
@@ -295,8 +382,8 @@ mod tests {
         let plan = plan(
             &pod,
             &[exited("a", Kind::Init, 0, 1)],
-            &mut Backoffs::default(),
-            &BTreeSet::new(),
+            &Backoffs::default(),
+            &Verdicts::default(),
             now(),
         );
         assert!(plan.terminal && plan.actions.is_empty());
@@ -317,8 +404,8 @@ mod tests {
                 exited("ok", Kind::App, 0, 0),
                 exited("bad", Kind::App, 2, 1),
             ],
-            &mut Backoffs::default(),
-            &BTreeSet::new(),
+            &Backoffs::default(),
+            &Verdicts::default(),
             now(),
         );
         assert_eq!(
@@ -336,14 +423,14 @@ mod tests {
     fn crash_loops_back_off_ten_seconds_doubling_to_five_minutes() {
         let pod = pod("Always", &[], &["app"]);
         let mut backoffs = Backoffs::default();
-        let none = BTreeSet::new();
+        let none = Verdicts::default();
         let mut at = now();
         // The first restart is immediate; each later one waits twice as long.
         let mut expected = [10u64, 20, 40, 80, 160, 300, 300].into_iter();
         for (attempt, round) in (0..8).enumerate() {
             let attempt = attempt as u32;
             let records = [exited("app", Kind::App, attempt, 1)];
-            let result = plan(&pod, &records, &mut backoffs, &none, at);
+            let result = plan(&pod, &records, &backoffs, &none, at);
             if round > 0 {
                 let delay = expected.next().unwrap();
                 assert!(result.actions.is_empty(), "round {round} waits");
@@ -358,7 +445,7 @@ mod tests {
                 );
                 at = result.wake_at.unwrap();
             }
-            let result = plan(&pod, &records, &mut backoffs, &none, at);
+            let result = plan(&pod, &records, &backoffs, &none, at);
             assert_eq!(result.actions.len(), 1, "round {round} restarts");
             backoffs.next("app", at);
         }
@@ -367,14 +454,233 @@ mod tests {
     #[test]
     fn unhealthy_running_containers_are_killed() {
         let pod = pod("Always", &[], &["app"]);
-        let unhealthy = BTreeSet::from(["app".to_string()]);
-        let plan = plan(
+        let unhealthy = Verdicts {
+            unhealthy: BTreeSet::from(["app".to_string()]),
+            ..Default::default()
+        };
+        let records = [running("app", Kind::App, 0)];
+        let result = plan(&pod, &records, &Backoffs::default(), &unhealthy, now());
+        assert_eq!(
+            result.actions,
+            [Action::Kill {
+                id: "app-0".into(),
+                name: "app".into(),
+                reason: "Container app failed startup probe, will be restarted".into(),
+            }]
+        );
+        let started = Verdicts {
+            started: BTreeSet::from(["app".to_string()]),
+            ..unhealthy
+        };
+        let result = plan(&pod, &records, &Backoffs::default(), &started, now());
+        assert!(
+            matches!(&result.actions[..], [Action::Kill { reason, .. }]
+                if reason == "Container app failed liveness probe, will be restarted"),
+            "{result:?}"
+        );
+    }
+
+    fn start(kind: Kind, name: &str, attempt: u32) -> Action {
+        Action::Start {
+            kind,
+            name: name.into(),
+            attempt,
+        }
+    }
+
+    /// Verdicts in which `started` have started (their startup probe passed, or they run
+    /// without one).
+    fn started(names: &[&str]) -> Verdicts {
+        Verdicts {
+            started: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_container_after_a_sidecar_waits_until_the_sidecar_has_started() {
+        let pod = with_sidecars(pod("Always", &["proxy", "setup"], &["app"]), &["proxy"]);
+        let backoffs = Backoffs::default();
+        let first = plan(&pod, &[], &backoffs, &started(&[]), now());
+        assert_eq!(first.actions, [start(Kind::Init, "proxy", 0)]);
+        // Running, but its startup probe has not passed yet: nothing else starts.
+        let proxy = running("proxy", Kind::Init, 0);
+        let held = plan(
             &pod,
-            &[running("app", Kind::App, 0)],
-            &mut Backoffs::default(),
-            &unhealthy,
+            std::slice::from_ref(&proxy),
+            &backoffs,
+            &started(&[]),
             now(),
         );
-        assert!(matches!(&plan.actions[0], Action::Kill { id, .. } if id == "app-0"));
+        assert!(held.actions.is_empty() && !held.terminal, "{held:?}");
+        let next = plan(
+            &pod,
+            std::slice::from_ref(&proxy),
+            &backoffs,
+            &started(&["proxy"]),
+            now(),
+        );
+        assert_eq!(next.actions, [start(Kind::Init, "setup", 0)]);
+        // The regular init container still runs to completion before the app starts, and
+        // the sidecar keeps running beside it.
+        let setup_done = exited("setup", Kind::Init, 0, 0);
+        let apps = plan(
+            &pod,
+            &[proxy.clone(), setup_done.clone()],
+            &backoffs,
+            &started(&["proxy"]),
+            now(),
+        );
+        assert_eq!(apps.actions, [start(Kind::App, "app", 0)]);
+        let steady = plan(
+            &pod,
+            &[proxy, setup_done, running("app", Kind::App, 0)],
+            &backoffs,
+            &started(&["proxy", "app"]),
+            now(),
+        );
+        assert!(steady.actions.is_empty(), "{steady:?}");
+    }
+
+    #[test]
+    fn sidecars_restart_with_back_off_whatever_the_pod_policy() {
+        for policy in ["Never", "OnFailure", "Always"] {
+            let pod = with_sidecars(pod(policy, &["proxy"], &["app"]), &["proxy"]);
+            let mut backoffs = Backoffs::default();
+            let app = running("app", Kind::App, 0);
+            for code in [0, 1] {
+                let records = [exited("proxy", Kind::Init, 0, code), app.clone()];
+                let result = plan(&pod, &records, &backoffs, &started(&["app"]), now());
+                assert_eq!(
+                    result.actions,
+                    [start(Kind::Init, "proxy", 1)],
+                    "{policy} exit {code}"
+                );
+            }
+            // The second restart backs off as an app container's would.
+            backoffs.next("proxy", now());
+            let records = [exited("proxy", Kind::Init, 1, 1), app.clone()];
+            let result = plan(&pod, &records, &backoffs, &started(&["app"]), now());
+            assert!(result.actions.is_empty(), "{policy}: {result:?}");
+            assert_eq!(result.waiting[0].0, "proxy");
+            assert_eq!(result.waiting[0].1.reason, "CrashLoopBackOff");
+            assert_eq!(result.wake_at, Some(now() + INITIAL_BACKOFF));
+        }
+    }
+
+    #[test]
+    fn a_restarting_sidecar_holds_nothing_back_once_the_pod_is_initialized() {
+        let pod = with_sidecars(pod("Always", &["proxy", "setup"], &["app"]), &["proxy"]);
+        let records = [
+            exited("proxy", Kind::Init, 0, 1),
+            exited("setup", Kind::Init, 0, 0),
+            running("app", Kind::App, 0),
+        ];
+        let result = plan(
+            &pod,
+            &records,
+            &Backoffs::default(),
+            &started(&["app"]),
+            now(),
+        );
+        // The regular init container is not run again; the app container keeps running.
+        assert_eq!(result.actions, [start(Kind::Init, "proxy", 1)]);
+        // An unhealthy sidecar is killed to restart, as an app container is.
+        let unhealthy = Verdicts {
+            unhealthy: BTreeSet::from(["proxy".to_string()]),
+            ..started(&["proxy", "app"])
+        };
+        let records = [
+            running("proxy", Kind::Init, 1),
+            exited("setup", Kind::Init, 0, 0),
+            running("app", Kind::App, 0),
+        ];
+        let result = plan(&pod, &records, &Backoffs::default(), &unhealthy, now());
+        assert!(
+            matches!(&result.actions[..], [Action::Kill { id, .. }] if id == "proxy-1"),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn finished_app_containers_complete_the_pod_and_stop_sidecars_last_declared_first() {
+        for policy in ["Never", "OnFailure"] {
+            let pod = with_sidecars(
+                pod(policy, &["logs", "proxy"], &["app"]),
+                &["logs", "proxy"],
+            );
+            let both = started(&["logs", "proxy"]);
+            let app_done = exited("app", Kind::App, 0, 0);
+            let records = [
+                running("logs", Kind::Init, 0),
+                running("proxy", Kind::Init, 0),
+                app_done.clone(),
+            ];
+            let result = plan(&pod, &records, &Backoffs::default(), &both, now());
+            assert!(result.terminal, "{policy}");
+            assert_eq!(
+                result.actions,
+                [Action::Kill {
+                    id: "proxy-0".into(),
+                    name: "proxy".into(),
+                    reason: "Stopping container proxy".into(),
+                }],
+                "{policy}"
+            );
+            // The last one stopped: the one before goes next, and nothing restarts.
+            let records = [
+                running("logs", Kind::Init, 0),
+                exited("proxy", Kind::Init, 0, 143),
+                app_done.clone(),
+            ];
+            let result = plan(&pod, &records, &Backoffs::default(), &both, now());
+            assert!(
+                matches!(&result.actions[..], [Action::Kill { id, .. }] if id == "logs-0"),
+                "{policy}: {result:?}"
+            );
+            let records = [
+                exited("logs", Kind::Init, 0, 143),
+                exited("proxy", Kind::Init, 0, 143),
+                app_done,
+            ];
+            let result = plan(&pod, &records, &Backoffs::default(), &both, now());
+            assert!(result.terminal && result.actions.is_empty(), "{policy}");
+        }
+        // Under Always the app container restarts and the sidecar keeps running.
+        let pod = with_sidecars(pod("Always", &["proxy"], &["app"]), &["proxy"]);
+        let records = [
+            running("proxy", Kind::Init, 0),
+            exited("app", Kind::App, 0, 0),
+        ];
+        let result = plan(
+            &pod,
+            &records,
+            &Backoffs::default(),
+            &started(&["proxy"]),
+            now(),
+        );
+        assert_eq!(result.actions, [start(Kind::App, "app", 1)]);
+        assert!(!result.terminal);
+    }
+
+    #[test]
+    fn a_failed_init_container_under_never_stops_the_sidecars_started_before() {
+        let pod = with_sidecars(pod("Never", &["proxy", "setup"], &["app"]), &["proxy"]);
+        let records = [
+            running("proxy", Kind::Init, 0),
+            exited("setup", Kind::Init, 0, 1),
+        ];
+        let result = plan(
+            &pod,
+            &records,
+            &Backoffs::default(),
+            &started(&["proxy"]),
+            now(),
+        );
+        assert!(result.terminal);
+        assert!(
+            matches!(&result.actions[..], [Action::Kill { id, .. }] if id == "proxy-0"),
+            "{result:?}"
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! Startup, liveness and readiness probes of a pod's containers: when each is due, what
-//! its result means (thresholds), and running httpGet and tcpSocket checks from the node.
-//! Exec probes run through the pod runtime.
+//! Startup, liveness and readiness probes of a pod's app containers and sidecars: when each
+//! is due, what its result means (thresholds), and running httpGet and tcpSocket checks
+//! from the node. Exec probes run through the pod runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -8,6 +8,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Container, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::model::long_running;
 
 /// Which probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,8 +74,8 @@ fn seconds(value: Option<i32>, default: i32) -> Duration {
 }
 
 impl Prober {
-    /// The probes due at `now` for the running containers (name → (instance id, started
-    /// at)), and when the next one is due.
+    /// The probes due at `now` for the running app containers and sidecars (name →
+    /// (instance id, started at)), and when the next one is due.
     pub fn due(
         &mut self,
         pod: &Pod,
@@ -82,13 +84,8 @@ impl Prober {
     ) -> (Vec<DueProbe>, Option<Timestamp>) {
         let mut due = Vec::new();
         let mut next: Option<Timestamp> = None;
-        let containers = pod
-            .spec
-            .as_ref()
-            .map(|s| s.containers.as_slice())
-            .unwrap_or_default();
         self.containers.retain(|name, _| running.contains_key(name));
-        for container in containers {
+        for container in long_running(pod) {
             let Some((instance, started_at)) = running.get(&container.name) else {
                 continue;
             };
@@ -163,12 +160,7 @@ impl Prober {
     /// The verdicts for the running containers.
     pub fn verdicts(&self, pod: &Pod, running: &BTreeMap<String, (String, Timestamp)>) -> Verdicts {
         let mut verdicts = Verdicts::default();
-        let containers = pod
-            .spec
-            .as_ref()
-            .map(|s| s.containers.as_slice())
-            .unwrap_or_default();
-        for container in containers {
+        for container in long_running(pod) {
             if !running.contains_key(&container.name) {
                 continue;
             }
@@ -336,6 +328,45 @@ mod tests {
         assert_eq!(
             due.iter().map(|d| d.kind).collect::<Vec<_>>(),
             [ProbeKind::Readiness]
+        );
+    }
+
+    #[test]
+    fn sidecars_are_probed_and_regular_init_containers_are_not() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {
+                "initContainers": [
+                    {"name": "setup", "image": "x"},
+                    {"name": "proxy", "image": "x", "restartPolicy": "Always",
+                        "startupProbe": {"tcpSocket": {"port": 80}},
+                        "readinessProbe": {"tcpSocket": {"port": 80}}},
+                ],
+                "containers": [{"name": "app", "image": "x"}],
+            },
+        }))
+        .unwrap();
+        let t0 = Timestamp::from_second(1000).unwrap();
+        let running = BTreeMap::from([
+            ("setup".to_string(), ("s1".to_string(), t0)),
+            ("proxy".to_string(), ("p1".to_string(), t0)),
+        ]);
+        let mut prober = Prober::default();
+        let (due, _) = prober.due(&pod, &running, t0);
+        let due: Vec<_> = due.iter().map(|d| (d.container.as_str(), d.kind)).collect();
+        assert_eq!(due, [("proxy", ProbeKind::Startup)]);
+        let verdicts = prober.verdicts(&pod, &running);
+        assert!(verdicts.started.is_empty() && verdicts.ready.is_empty());
+        let startup = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[1]
+            .startup_probe
+            .clone()
+            .unwrap();
+        prober.record("proxy", ProbeKind::Startup, &startup, true);
+        let verdicts = prober.verdicts(&pod, &running);
+        assert_eq!(verdicts.started, BTreeSet::from(["proxy".to_string()]));
+        assert!(
+            verdicts.ready.is_empty(),
+            "its readiness probe has not passed"
         );
     }
 

@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
-use super::model::{ContainerRecord, Kind, RunState, Waiting, latest, previous};
+use super::model::{ContainerRecord, Kind, RunState, Waiting, is_sidecar, latest, previous};
 
 /// What the worker knows beyond the container records.
 #[derive(Debug, Default, Clone)]
@@ -60,11 +60,13 @@ fn state_json(record: &ContainerRecord) -> Value {
     }
 }
 
-/// The containerStatus of one container.
+/// The containerStatus of one container (of `kind`; `sidecar` for a restartable init
+/// container, which reports `started` and `ready` as an app container does).
 fn container_status(
     name: &str,
     image: &str,
     kind: Kind,
+    sidecar: bool,
     records: &[ContainerRecord],
     observed: &Observed,
 ) -> Value {
@@ -97,14 +99,17 @@ fn container_status(
                 last_state = state_json(old);
             }
             let running = matches!(record.state, RunState::Running { .. });
-            let started = running && observed.started.contains(name);
-            status["started"] = json!(started);
-            status["ready"] = json!(
-                started
-                    && kind == Kind::App
-                    && observed.ready.contains(name)
-                    && !observed.terminating
-            );
+            if kind == Kind::Init && !sidecar {
+                // A regular init container has no probes: started while it runs, ready
+                // once it has succeeded (the kubelet's prober manager).
+                status["started"] = json!(running);
+                status["ready"] = json!(record.exit_code() == Some(0));
+            } else {
+                let started = running && observed.started.contains(name);
+                status["started"] = json!(started);
+                status["ready"] =
+                    json!(started && observed.ready.contains(name) && !observed.terminating);
+            }
         }
         (None, Some(waiting)) => {
             status["state"] =
@@ -121,20 +126,57 @@ fn container_status(
     status
 }
 
-/// The pod phase, by the kubelet's getPhase rules.
+/// Whether an app container's status shows it running or terminated (the kubelet's
+/// HasAnyRegularContainerStarted): the pod was initialized, even if a sidecar now restarts.
+fn any_app_container_started(pod: &Pod, records: &[ContainerRecord], observed: &Observed) -> bool {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .any(|container| {
+            latest(records, &container.name, Kind::App).is_some_and(|record| match record.state {
+                RunState::Running { .. } => true,
+                RunState::Exited { .. } => !observed.waiting.contains_key(&container.name),
+                RunState::Created => false,
+            })
+        })
+}
+
+/// The pod phase, by the kubelet's getPhase rules: regular init containers must have
+/// succeeded and sidecars started; a running sidecar keeps the pod Running, a stopped one
+/// counts for nothing, so the app containers alone decide Succeeded or Failed.
 pub fn phase(pod: &Pod, records: &[ContainerRecord], observed: &Observed) -> &'static str {
     let Some(spec) = pod.spec.as_ref() else {
         return "Pending";
     };
     let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+    let (mut pending_init, mut pending_sidecars, mut failed_init) = (0, 0, 0);
+    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
     for init in spec.init_containers.iter().flatten() {
-        match latest(records, &init.name, Kind::Init).map(|r| &r.state) {
-            Some(RunState::Exited { exit_code: 0, .. }) => {}
-            Some(RunState::Exited { .. }) if policy == "Never" => return "Failed",
-            _ => return "Pending",
+        let record = latest(records, &init.name, Kind::Init);
+        if is_sidecar(init) {
+            match record.map(|r| (&r.state, r.attempt)) {
+                Some((RunState::Running { .. }, _)) => {
+                    if !observed.started.contains(&init.name) {
+                        pending_sidecars += 1;
+                    }
+                    running += 1;
+                }
+                // A stopped sidecar (terminated, or waiting to restart) is ignored.
+                Some((RunState::Exited { .. }, _)) => {}
+                Some((RunState::Created, attempt)) if attempt > 0 => {}
+                Some((RunState::Created, _)) | None => pending_sidecars += 1,
+            }
+            continue;
+        }
+        match record.map(|r| &r.state) {
+            Some(RunState::Exited { exit_code, .. }) => {
+                if *exit_code != 0 {
+                    failed_init += 1;
+                }
+            }
+            _ => pending_init += 1,
         }
     }
-    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
     for container in &spec.containers {
         let record = latest(records, &container.name, Kind::App);
         let held = observed.waiting.contains_key(&container.name);
@@ -151,7 +193,12 @@ pub fn phase(pod: &Pod, records: &[ContainerRecord], observed: &Observed) -> &'s
             Some(RunState::Created) | None => waiting += 1,
         }
     }
-    if waiting > 0 {
+    if failed_init > 0 && policy == "Never" {
+        "Failed"
+    } else if pending_init > 0
+        || (pending_sidecars > 0 && !any_app_container_started(pod, records, observed))
+        || waiting > 0
+    {
         "Pending"
     } else if running > 0 {
         "Running"
@@ -187,6 +234,7 @@ pub fn pod_status(
                 &c.name,
                 c.image.as_deref().unwrap_or_default(),
                 Kind::Init,
+                is_sidecar(c),
                 records,
                 observed,
             )
@@ -199,24 +247,36 @@ pub fn pod_status(
                 &c.name,
                 c.image.as_deref().unwrap_or_default(),
                 Kind::App,
+                false,
                 records,
                 observed,
             )
         })
         .collect();
 
+    // Regular init containers must have succeeded, sidecars must have started.
     let incomplete_init: Vec<&str> = init_containers
         .iter()
-        .filter(|c| {
-            !matches!(
-                latest(records, &c.name, Kind::Init).map(|r| &r.state),
-                Some(RunState::Exited { exit_code: 0, .. })
-            )
+        .zip(&init_statuses)
+        .filter(|(c, status)| {
+            if is_sidecar(c) {
+                status["started"] != true
+            } else {
+                !matches!(
+                    latest(records, &c.name, Kind::Init).map(|r| &r.state),
+                    Some(RunState::Exited { exit_code: 0, .. })
+                )
+            }
         })
-        .map(|c| c.name.as_str())
+        .map(|(c, _)| c.name.as_str())
         .collect();
-    let unready: Vec<&str> = statuses
+    // Sidecars count toward the pod's readiness, listed before the app containers.
+    let unready: Vec<&str> = init_containers
         .iter()
+        .zip(&init_statuses)
+        .filter(|(c, _)| is_sidecar(c))
+        .map(|(_, status)| status)
+        .chain(&statuses)
         .filter(|s| s["ready"] != true)
         .filter_map(|s| s["name"].as_str())
         .collect();
@@ -241,7 +301,9 @@ pub fn pod_status(
             format!("containers with unready status: {}", list(&unready)),
         )
     };
-    let initialized = incomplete_init.is_empty() || (finished && phase == "Succeeded");
+    let initialized = incomplete_init.is_empty()
+        || phase == "Succeeded"
+        || any_app_container_started(pod, records, observed);
     let mut conditions = vec![
         condition(
             "PodReadyToStartContainers",
@@ -337,7 +399,17 @@ pub fn pod_status(
 mod tests {
     use super::*;
 
-    use crate::pods::model::fixtures::{exited, pod, record, running};
+    use crate::pods::model::fixtures::{exited, pod, record, running, with_sidecars};
+
+    fn condition(status: &Value, kind: &str) -> Value {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap()
+            .clone()
+    }
 
     #[test]
     fn phases_follow_the_kubelet() {
@@ -444,5 +516,126 @@ mod tests {
         let decoded: k8s_openapi::api::core::v1::PodStatus =
             serde_json::from_value(status).unwrap();
         assert_eq!(decoded.phase.as_deref(), Some("Running"));
+    }
+
+    #[test]
+    fn a_running_sidecar_keeps_the_pod_running_and_a_stopped_one_counts_for_nothing() {
+        let started = Observed {
+            started: ["proxy".to_string()].into(),
+            ..Default::default()
+        };
+        for (policy, app_exit, done) in [
+            ("Never", 0, "Succeeded"),
+            ("Never", 1, "Failed"),
+            ("OnFailure", 0, "Succeeded"),
+        ] {
+            let pod = with_sidecars(pod(policy, &["proxy"], &["app"]), &["proxy"]);
+            let app = record("app", Kind::App, 0, exited(app_exit));
+            let proxy = record("proxy", Kind::Init, 0, running());
+            assert_eq!(
+                phase(&pod, &[proxy, app.clone()], &started),
+                "Running",
+                "{policy}"
+            );
+            // Stopped by the agent (SIGTERM): its exit code does not fail the pod.
+            let stopped = record("proxy", Kind::Init, 0, exited(143));
+            assert_eq!(phase(&pod, &[stopped, app], &started), done, "{policy}");
+        }
+    }
+
+    #[test]
+    fn the_pod_is_pending_until_its_sidecars_have_started() {
+        let pod = with_sidecars(pod("Always", &["proxy", "setup"], &["app"]), &["proxy"]);
+        let proxy = record("proxy", Kind::Init, 0, running());
+        let mut observed = Observed {
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            phase(&pod, std::slice::from_ref(&proxy), &observed),
+            "Pending"
+        );
+        let status = pod_status(
+            &pod,
+            std::slice::from_ref(&proxy),
+            &observed,
+            Timestamp::UNIX_EPOCH,
+        );
+        let initialized = condition(&status, "Initialized");
+        assert_eq!(initialized["status"], "False");
+        assert_eq!(
+            initialized["message"],
+            "containers with incomplete status: [proxy setup]"
+        );
+        assert_eq!(status["initContainerStatuses"][0]["started"], false);
+
+        // Started (its startup probe passed) and ready; the regular one has succeeded.
+        observed.started.insert("proxy".into());
+        observed.ready.insert("proxy".into());
+        let setup = record("setup", Kind::Init, 0, exited(0));
+        let records = [proxy.clone(), setup.clone()];
+        let status = pod_status(&pod, &records, &observed, Timestamp::UNIX_EPOCH);
+        assert_eq!(condition(&status, "Initialized")["status"], "True");
+        assert_eq!(status["phase"], "Pending", "the app container waits");
+        let sidecar = &status["initContainerStatuses"][0];
+        assert_eq!(sidecar["started"], true);
+        assert_eq!(sidecar["ready"], true);
+        assert!(sidecar["state"]["running"].is_object(), "{sidecar:#}");
+        assert_eq!(status["initContainerStatuses"][1]["ready"], true);
+        assert_eq!(status["initContainerStatuses"][1]["started"], false);
+
+        // Once the app container ran, a restarting sidecar does not make the pod pending
+        // or uninitialized again.
+        let records = [
+            record("proxy", Kind::Init, 1, exited(1)),
+            record("proxy", Kind::Init, 0, exited(1)),
+            setup,
+            record("app", Kind::App, 0, running()),
+        ];
+        observed.started = ["app".to_string()].into();
+        observed.waiting.insert(
+            "proxy".into(),
+            Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: "back-off 10s".into(),
+            },
+        );
+        let status = pod_status(&pod, &records, &observed, Timestamp::UNIX_EPOCH);
+        assert_eq!(status["phase"], "Running");
+        assert_eq!(condition(&status, "Initialized")["status"], "True");
+        let sidecar = &status["initContainerStatuses"][0];
+        assert_eq!(sidecar["restartCount"], 1);
+        assert_eq!(sidecar["state"]["waiting"]["reason"], "CrashLoopBackOff");
+        assert_eq!(sidecar["lastState"]["terminated"]["exitCode"], 1);
+    }
+
+    #[test]
+    fn sidecar_readiness_counts_toward_the_pod_ready_condition() {
+        let pod = with_sidecars(pod("Always", &["proxy"], &["app"]), &["proxy"]);
+        let records = [
+            record("proxy", Kind::Init, 0, running()),
+            record("app", Kind::App, 0, running()),
+        ];
+        let mut observed = Observed {
+            sandbox_ready: true,
+            started: ["proxy".to_string(), "app".to_string()].into(),
+            ready: ["app".to_string()].into(),
+            ..Default::default()
+        };
+        let status = pod_status(&pod, &records, &observed, Timestamp::UNIX_EPOCH);
+        for kind in ["Ready", "ContainersReady"] {
+            let condition = condition(&status, kind);
+            assert_eq!(condition["status"], "False");
+            assert_eq!(
+                condition["message"],
+                "containers with unready status: [proxy]"
+            );
+        }
+        observed.ready.insert("proxy".into());
+        let status = pod_status(&pod, &records, &observed, Timestamp::UNIX_EPOCH);
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        let decoded: k8s_openapi::api::core::v1::PodStatus =
+            serde_json::from_value(status).unwrap();
+        assert!(decoded.init_container_statuses.unwrap()[0].ready);
     }
 }

@@ -12,10 +12,10 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-use super::model::{ContainerRecord, Kind, RunState, Waiting, latest};
+use super::model::{ContainerRecord, Kind, RunState, Waiting, latest, long_running, sidecars};
 use super::plan::{Action, Backoffs, plan};
 use super::probe::{ProbeKind, Prober, check_network, resolve_port};
-use super::runtime::{PodRuntime, SandboxInfo, StartError};
+use super::runtime::{PodRuntime, RuntimeError, SandboxInfo, StartError};
 use super::status::{Observed, pod_status};
 use crate::events::{EventRecorder, EventType};
 
@@ -166,13 +166,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
     if super::eviction::is_evicted(pod) {
         // Evicted: stop everything now and never restart; the status says why.
         record_stopping(&shared.events, pod, &records);
-        let stops = records
-            .iter()
-            .filter(|r| r.is_running())
-            .map(|record| runtime.stop(pod, record, super::eviction::EVICTION_GRACE));
-        for result in futures::future::join_all(stops).await {
-            result?;
-        }
+        stop_in_order(runtime, pod, &records, super::eviction::EVICTION_GRACE).await?;
         release(shared, uid, Some(pod), state).await;
         return Ok(None);
     }
@@ -202,9 +196,9 @@ async fn sync<R: PodRuntime, A: PodApi>(
         }
     }
 
-    let running = running_instances(&records);
-    let verdicts = state.prober.verdicts(pod, &running);
-    let mut decision = plan(pod, &records, &mut state.backoffs, &verdicts.unhealthy, now);
+    let running = running_instances(pod, &records);
+    let planned_on = state.prober.verdicts(pod, &running);
+    let mut decision = plan(pod, &records, &state.backoffs, &planned_on, now);
     if let Some(at) = decision.wake_at {
         earliest(at);
     }
@@ -386,7 +380,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
         .retain(|name, _| !records.iter().any(|r| &r.name == name && r.is_running()));
 
     // Probes of running containers.
-    let running = running_instances(&records);
+    let running = running_instances(pod, &records);
     let (due, next_probe) = state.prober.due(pod, &running, now);
     if let Some(at) = next_probe {
         earliest(at);
@@ -397,11 +391,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
         .and_then(|s| s.pod_ips.first().cloned())
         .unwrap_or_default();
     for probe in due {
-        let Some(container) = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.iter().find(|c| c.name == probe.container))
-        else {
+        let Some(container) = long_running(pod).find(|c| c.name == probe.container) else {
             continue;
         };
         let failure = match check_network(&probe.probe, container, &pod_ip).await {
@@ -416,9 +406,9 @@ async fn sync<R: PodRuntime, A: PodApi>(
                     .unwrap_or_default();
                 let timeout =
                     Duration::from_secs(probe.probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-                match records
-                    .iter()
-                    .find(|r| r.name == probe.container && r.kind == Kind::App && r.is_running())
+                match running
+                    .get(&probe.container)
+                    .and_then(|(id, _)| records.iter().find(|r| &r.id == id))
                 {
                     Some(record) => match runtime.exec(record, &command, timeout).await {
                         Ok(0) => None,
@@ -437,7 +427,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
             // failure are folded into one event's count.
             shared.events.container(
                 pod,
-                Kind::App,
+                container_kind(pod, &probe.container),
                 &probe.container,
                 EventType::Warning,
                 "Unhealthy",
@@ -452,8 +442,9 @@ async fn sync<R: PodRuntime, A: PodApi>(
         );
     }
     let verdicts = state.prober.verdicts(pod, &running);
-    if !verdicts.unhealthy.is_empty() {
-        // Act on a failed liveness probe right away.
+    if !verdicts.unhealthy.is_empty() || verdicts.started != planned_on.started {
+        // Act on a failed liveness probe right away, and plan again when a container
+        // started since this pass planned: a started sidecar lets the next one start.
         earliest(now);
     }
 
@@ -588,13 +579,18 @@ fn record_start_failure(
     );
 }
 
-/// Running app containers: name → (instance id, started at).
-fn running_instances(records: &[ContainerRecord]) -> BTreeMap<String, (String, Timestamp)> {
+/// The running app containers and sidecars, the ones probes watch: name → (instance id,
+/// started at).
+fn running_instances(
+    pod: &Pod,
+    records: &[ContainerRecord],
+) -> BTreeMap<String, (String, Timestamp)> {
+    let sidecars: Vec<&str> = sidecars(pod).map(|c| c.name.as_str()).collect();
     records
         .iter()
-        .filter(|r| r.kind == Kind::App)
+        .filter(|r| r.kind == Kind::App || sidecars.contains(&r.name.as_str()))
         .filter_map(|r| match r.state {
-            RunState::Running { started_at } => latest(records, &r.name, Kind::App)
+            RunState::Running { started_at } => latest(records, &r.name, r.kind)
                 .filter(|newest| newest.id == r.id)
                 .map(|_| (r.name.clone(), (r.id.clone(), started_at))),
             _ => None,
@@ -680,15 +676,8 @@ async fn terminate<R: PodRuntime, A: PodApi>(
     };
     if let Some(pod) = pod {
         record_stopping(&shared.events, pod, &records);
-        let stops = records
-            .iter()
-            .filter(|r| r.is_running())
-            .map(|record| runtime.stop(pod, record, grace));
-        for result in futures::future::join_all(stops).await {
-            if let Err(error) = result {
-                tracing::warn!(pod = %uid, error = %error, "stop container");
-            }
-        }
+        // Errors were logged; what could not be stopped is removed below all the same.
+        let _ = stop_in_order(runtime, pod, &records, grace).await;
     } else {
         let placeholder = Pod::default();
         let stops = records
@@ -704,6 +693,52 @@ async fn terminate<R: PodRuntime, A: PodApi>(
     }
     state.released = false;
     release(shared, uid, pod, state).await;
+}
+
+/// The least a sidecar gets to stop after waiting for its turn, as the kubelet's
+/// minimumGracePeriodInSeconds (never more than the pod's own grace period).
+const MINIMUM_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops a pod's running containers in the kubelet's order: the app containers (and an
+/// init container caught running) together, then the sidecars one at a time, last
+/// declared first, each within what is left of `grace`. Every container is tried; the
+/// first error is returned.
+async fn stop_in_order<R: PodRuntime>(
+    runtime: &R,
+    pod: &Pod,
+    records: &[ContainerRecord],
+    grace: Duration,
+) -> Result<(), RuntimeError> {
+    let began = std::time::Instant::now();
+    let sidecar_names: Vec<&str> = sidecars(pod).map(|c| c.name.as_str()).collect();
+    let is_sidecar =
+        |r: &ContainerRecord| r.kind == Kind::Init && sidecar_names.contains(&r.name.as_str());
+    let running = || records.iter().filter(|r| r.is_running());
+    let mut errors = Vec::new();
+    let stops = running()
+        .filter(|r| !is_sidecar(r))
+        .map(|record| runtime.stop(pod, record, grace));
+    for result in futures::future::join_all(stops).await {
+        if let Err(error) = result {
+            tracing::warn!(pod = ?pod.metadata.uid, error = %error, "stop container");
+            errors.push(error);
+        }
+    }
+    for name in sidecar_names.iter().rev() {
+        for record in running().filter(|r| is_sidecar(r) && r.name == *name) {
+            let remaining = grace
+                .saturating_sub(began.elapsed())
+                .max(MINIMUM_GRACE.min(grace));
+            if let Err(error) = runtime.stop(pod, record, remaining).await {
+                tracing::warn!(pod = ?pod.metadata.uid, error = %error, "stop sidecar");
+                errors.push(error);
+            }
+        }
+    }
+    match errors.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// A Killing event for each running container about to be stopped.
@@ -962,5 +997,148 @@ mod tests {
         assert_eq!(calls[..3], ["sandbox", "start app 0", "start app 1"]);
         assert_eq!(calls.last().unwrap(), "release u1");
         assert!(runtime.records.lock().unwrap().is_empty(), "{calls:?}");
+    }
+
+    /// A worker running over a fake machine and API.
+    struct Harness {
+        runtime: Arc<FakeRuntime>,
+        api: Arc<FakeApi>,
+        /// Sends the worker new versions of its pod.
+        pods: watch::Sender<Option<Arc<Pod>>>,
+        wake: Arc<Notify>,
+        worker: tokio::task::JoinHandle<()>,
+    }
+
+    fn spawn_worker(pod: &Arc<Pod>) -> Harness {
+        let runtime = Arc::new(FakeRuntime::default());
+        let api = Arc::new(FakeApi::default());
+        let (events, _recorded) = EventRecorder::channel("node-1", 100);
+        let shared = Arc::new(WorkerShared {
+            runtime: runtime.clone(),
+            api: api.clone(),
+            host_ip: "192.0.2.1".into(),
+            events,
+        });
+        let (pods, receiver) = watch::channel(Some(pod.clone()));
+        let wake = Arc::new(Notify::new());
+        let worker = tokio::spawn(run(shared, "u1".into(), receiver, wake.clone()));
+        Harness {
+            runtime,
+            api,
+            pods,
+            wake,
+            worker,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_with_a_sidecar_completes_when_its_app_container_does() {
+        let pod = Arc::new(fixtures::with_sidecars(
+            fixtures::pod("Never", &["proxy"], &["app"]),
+            &["proxy"],
+        ));
+        // The sender stays alive: a worker whose pod channel closes stops.
+        let Harness {
+            runtime,
+            api,
+            pods: _pods,
+            wake,
+            worker,
+        } = spawn_worker(&pod);
+        // The sidecar starts first; once it runs (it has no startup probe) the app does,
+        // without any other event waking the worker.
+        let status = until(&api, "phase Running", |s| s["phase"] == "Running").await;
+        assert_eq!(status["initContainerStatuses"][0]["started"], true);
+        assert_eq!(
+            runtime.calls.lock().unwrap()[..3],
+            ["sandbox", "start proxy 0", "start app 0"]
+        );
+
+        // The app container exits 0 while the sidecar runs: the sidecar is stopped and
+        // the pod succeeds, its resources released.
+        runtime.exit("app", 0);
+        wake.notify_one();
+        let status = until(&api, "phase Succeeded", |s| s["phase"] == "Succeeded").await;
+        assert_eq!(
+            status["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+            143
+        );
+        let released = async {
+            while !runtime
+                .calls
+                .lock()
+                .unwrap()
+                .contains(&"release u1".to_string())
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), released)
+            .await
+            .expect("the pod released");
+        let calls = runtime.calls.lock().unwrap().clone();
+        assert!(calls.contains(&"stop proxy-0 30s".to_string()), "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c.starts_with("start proxy 1")),
+            "{calls:?}"
+        );
+        worker.abort();
+    }
+
+    #[tokio::test]
+    async fn deletion_stops_sidecars_after_the_app_containers_last_declared_first() {
+        let pod = Arc::new(fixtures::with_sidecars(
+            fixtures::pod("Always", &["logs", "setup", "proxy"], &["app", "web"]),
+            &["logs", "proxy"],
+        ));
+        let Harness {
+            runtime,
+            api,
+            pods,
+            wake,
+            worker,
+        } = spawn_worker(&pod);
+        until(&api, "setup running", |s| {
+            s["initContainerStatuses"][1]["state"]["running"].is_object()
+        })
+        .await;
+        runtime.exit("setup", 0);
+        wake.notify_one();
+        until(&api, "phase Running", |s| s["phase"] == "Running").await;
+
+        let mut deleting = (*pod).clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        deleting.metadata.deletion_grace_period_seconds = Some(7);
+        pods.send_replace(Some(Arc::new(deleting)));
+        tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .unwrap()
+            .unwrap();
+        let calls = runtime.calls.lock().unwrap().clone();
+        let starts: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            starts,
+            [
+                "start logs 0",
+                "start setup 0",
+                "start proxy 0",
+                "start app 0",
+                "start web 0"
+            ]
+        );
+        let stops: Vec<&str> = calls
+            .iter()
+            .filter_map(|c| c.strip_prefix("stop "))
+            .filter_map(|c| c.split(' ').next())
+            .collect();
+        let app_first = stops[..2].contains(&"app-0") && stops[..2].contains(&"web-0");
+        assert!(app_first, "{calls:?}");
+        assert_eq!(stops[2..], ["proxy-0", "logs-0"], "{calls:?}");
     }
 }

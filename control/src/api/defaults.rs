@@ -20,6 +20,7 @@ pub fn apply_defaults(kind: &str, object: &mut Value) {
         "Deployment" => default_deployment(object),
         "ReplicaSet" => default_replica_set(object),
         "DaemonSet" => default_daemon_set(object),
+        "Job" => default_job(object),
         "EndpointSlice" => default_endpoint_slice(object),
         _ => {}
     }
@@ -539,6 +540,80 @@ fn default_daemon_set(daemon_set: &mut Value) {
     default_pod_template(spec);
 }
 
+/// `SetDefaults_Job` of `pkg/apis/batch/v1/defaults.go`. The selector and the labels that go
+/// with it need the Job's name and uid, so they are made later ([`generate_job_selector`]).
+fn default_job(job: &mut Value) {
+    let spec = child_object(job, "spec");
+    // A Job that names neither runs one pod to one success.
+    if spec["completions"].is_null() && spec["parallelism"].is_null() {
+        spec["completions"] = json!(1);
+        spec["parallelism"] = json!(1);
+    }
+    set_if_missing(spec, "parallelism", json!(1));
+    let backoff_limit = if spec["backoffLimitPerIndex"].is_null() {
+        json!(6)
+    } else {
+        json!(i32::MAX)
+    };
+    set_if_missing(spec, "backoffLimit", backoff_limit);
+    set_if_missing(spec, "completionMode", json!("NonIndexed"));
+    set_if_missing(spec, "suspend", json!(false));
+    if spec["podFailurePolicy"].is_object() {
+        for rule in elements_mut(&mut spec["podFailurePolicy"], "rules") {
+            for pattern in elements_mut(rule, "onPodConditions") {
+                set_if_zero(pattern, "status", json!("True"));
+            }
+        }
+    }
+    let replacement = if spec["podFailurePolicy"].is_null() {
+        "TerminatingOrFailed"
+    } else {
+        "Failed"
+    };
+    set_if_missing(spec, "podReplacementPolicy", json!(replacement));
+    default_pod_template(spec);
+}
+
+/// The label a Job's generated selector selects: the Job's uid.
+pub const JOB_CONTROLLER_UID_LABEL: &str = "batch.kubernetes.io/controller-uid";
+/// The label carrying the Job's name on its pods.
+pub const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+/// The labels of the same meaning from before Kubernetes 1.27, still added.
+const LEGACY_JOB_CONTROLLER_UID_LABEL: &str = "controller-uid";
+const LEGACY_JOB_NAME_LABEL: &str = "job-name";
+
+/// The Job registry's `generateSelector`, on create once the Job has its name and uid:
+/// unless `spec.manualSelector` is true, the pod template is labelled with the Job's name and
+/// uid and `spec.selector` selects the uid, so that the Job's pods are its own whatever other
+/// labels they share. A label the client already set is kept (validation refuses it if it
+/// is wrong). The Job's own labels, when it has none, are its template's, as the defaulting
+/// of a stored Job gives every Job a client reads back.
+pub fn generate_job_selector(job: &mut Value) {
+    if job["spec"]["manualSelector"] == Value::Bool(true) {
+        return;
+    }
+    let name = job["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let uid = job["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    let spec = child_object(job, "spec");
+    let template = child_object(spec, "template");
+    let labels = child_object(child_object(template, "metadata"), "labels");
+    for (label, value) in [
+        (LEGACY_JOB_NAME_LABEL, &name),
+        (JOB_NAME_LABEL, &name),
+        (LEGACY_JOB_CONTROLLER_UID_LABEL, &uid),
+        (JOB_CONTROLLER_UID_LABEL, &uid),
+    ] {
+        set_if_missing(labels, label, json!(value));
+    }
+    let template_labels = labels.clone();
+    let match_labels = child_object(child_object(spec, "selector"), "matchLabels");
+    set_if_missing(match_labels, JOB_CONTROLLER_UID_LABEL, json!(uid));
+    let metadata = child_object(job, "metadata");
+    if metadata["labels"].as_object().is_none_or(Map::is_empty) {
+        metadata["labels"] = template_labels;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,5 +974,73 @@ mod tests {
     fn unknown_kinds_are_untouched() {
         let object = json!({"metadata": {"name": "x"}, "spec": {}});
         assert_eq!(defaulted("Widget", object.clone()), object);
+    }
+
+    #[test]
+    fn job_defaults_follow_set_defaults_job() {
+        let job = defaulted(
+            "Job",
+            json!({"spec": {"template": {"spec": minimal_pod_spec()}}}),
+        );
+        let spec = &job["spec"];
+        assert_eq!(spec["completions"], 1);
+        assert_eq!(spec["parallelism"], 1);
+        assert_eq!(spec["backoffLimit"], 6);
+        assert_eq!(spec["completionMode"], "NonIndexed");
+        assert_eq!(spec["suspend"], false);
+        assert_eq!(spec["podReplacementPolicy"], "TerminatingOrFailed");
+        assert!(spec["podFailurePolicy"].is_null());
+        assert!(spec["manualSelector"].is_null());
+        assert_eq!(spec["template"]["spec"]["dnsPolicy"], "ClusterFirst");
+        // Only parallelism given: completions stay unset (any one success ends the Job).
+        let job = defaulted("Job", json!({"spec": {"parallelism": 3}}));
+        assert!(job["spec"]["completions"].is_null());
+        assert_eq!(job["spec"]["parallelism"], 3);
+        // Only completions given: one pod at a time.
+        let job = defaulted("Job", json!({"spec": {"completions": 4}}));
+        assert_eq!(job["spec"]["parallelism"], 1);
+        let job = defaulted(
+            "Job",
+            json!({"spec": {"backoffLimitPerIndex": 1, "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}}}),
+        );
+        assert_eq!(job["spec"]["backoffLimit"], i32::MAX);
+        assert_eq!(job["spec"]["podReplacementPolicy"], "Failed");
+        assert_eq!(
+            job["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"][0]["status"],
+            "True"
+        );
+    }
+
+    #[test]
+    fn job_selector_is_generated_from_the_uid() {
+        let mut job = json!({
+            "metadata": {"name": "pi", "uid": "1234"},
+            "spec": {"template": {"metadata": {"labels": {"app": "pi"}}}},
+        });
+        generate_job_selector(&mut job);
+        assert_eq!(
+            job["spec"]["selector"],
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": "1234"}})
+        );
+        let labels = json!({
+            "app": "pi",
+            "batch.kubernetes.io/controller-uid": "1234",
+            "batch.kubernetes.io/job-name": "pi",
+            "controller-uid": "1234",
+            "job-name": "pi",
+        });
+        assert_eq!(job["spec"]["template"]["metadata"]["labels"], labels);
+        assert_eq!(job["metadata"]["labels"], labels);
+        // Labels of its own stay the Job's; a manual selector is left alone.
+        let mut job = json!({
+            "metadata": {"name": "pi", "uid": "1234", "labels": {"team": "a"}},
+            "spec": {"template": {}},
+        });
+        generate_job_selector(&mut job);
+        assert_eq!(job["metadata"]["labels"], json!({"team": "a"}));
+        let mut manual =
+            json!({"metadata": {"name": "pi", "uid": "1234"}, "spec": {"manualSelector": true}});
+        generate_job_selector(&mut manual);
+        assert!(manual["spec"]["selector"].is_null());
     }
 }

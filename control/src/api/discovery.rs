@@ -84,6 +84,12 @@ fn subresource_json(info: &ResourceInfo, subresource: &str) -> Value {
         "log" => {
             json!({"name": name, "singularName": "", "namespaced": info.namespaced, "kind": info.kind, "verbs": ["get"]})
         }
+        "exec" => {
+            json!({"name": name, "singularName": "", "namespaced": info.namespaced, "kind": "PodExecOptions", "verbs": ["create", "get"]})
+        }
+        "attach" => {
+            json!({"name": name, "singularName": "", "namespaced": info.namespaced, "kind": "PodAttachOptions", "verbs": ["create", "get"]})
+        }
         "scale" => {
             json!({"name": name, "singularName": "", "namespaced": info.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]})
         }

@@ -135,6 +135,11 @@ pub(crate) struct ResourceRequest {
 pub(crate) struct Context {
     pub method: Method,
     pub query: Query,
+    /// The query as sent: `pods/exec` repeats `command`, which [`Query`] keeps once.
+    pub raw_query: String,
+    pub headers: hyper::HeaderMap,
+    /// The connection's upgrade, for `pods/exec` (hyper's, taken from the request).
+    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     pub representation: Representation,
     pub content_type: String,
     pub body: Bytes,
@@ -230,7 +235,7 @@ impl ApiServer {
         self: &Arc<Self>,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let path = parts.uri.path().to_string();
         let query = Query::parse(parts.uri.query());
         let accept = parts
@@ -264,6 +269,9 @@ impl ApiServer {
         let context = Context {
             method: parts.method,
             query,
+            raw_query: parts.uri.query().unwrap_or("").to_string(),
+            on_upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+            headers: parts.headers,
             representation,
             content_type,
             body,
@@ -352,6 +360,15 @@ impl ApiServer {
         }
         if request.subresource.as_deref() == Some("log") {
             return self.pod_log(request, context).await;
+        }
+        match request.subresource.as_deref() {
+            Some("exec") => return self.pod_stream(proxy::Stream::Exec, request, context).await,
+            Some("attach") => {
+                return self
+                    .pod_stream(proxy::Stream::Attach, request, context)
+                    .await;
+            }
+            _ => {}
         }
         let watch = request.legacy_watch || context.query.flag("watch");
         match (&context.method, &request.name, watch) {

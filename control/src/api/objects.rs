@@ -658,6 +658,7 @@ impl ApiServer {
                 .clone()
                 .unwrap_or_else(|| generate_name(&generate));
             object["metadata"]["name"] = json!(name);
+            strategy::prepare_named_for_create(info, &mut object);
             let found = causes(validation::validate(info.kind, &object, None));
             if !found.is_empty() {
                 return Err(ApiError::invalid(info, &name, &found));

@@ -50,6 +50,7 @@ pub fn column_definitions(kind: &str) -> &'static [ColumnDefinition] {
         "Deployment" => &DEPLOYMENT_COLUMNS,
         "ReplicaSet" => &REPLICA_SET_COLUMNS,
         "DaemonSet" => &DAEMON_SET_COLUMNS,
+        "Job" => &JOB_COLUMNS,
         "EndpointSlice" => &ENDPOINT_SLICE_COLUMNS,
         "Lease" => &LEASE_COLUMNS,
         _ => &DEFAULT_COLUMNS,
@@ -71,6 +72,7 @@ pub fn row_cells(kind: &str, object: &Value, now: Timestamp) -> Vec<Value> {
         "Deployment" => deployment_cells(object, now),
         "ReplicaSet" => replica_set_cells(object, now),
         "DaemonSet" => daemon_set_cells(object, now),
+        "Job" => job_cells(object, now),
         "EndpointSlice" => endpoint_slice_cells(object, now),
         "Lease" => lease_cells(object, now),
         _ => default_cells(object, now),
@@ -418,6 +420,25 @@ static DAEMON_SET_COLUMNS: [ColumnDefinition; 11] = [
         "Selector",
         "string",
         "A label query over pods that are managed by the daemon set. Must match in order to be controlled. If empty, defaulted to labels on Pod template. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/#label-selectors",
+    ),
+];
+
+static JOB_COLUMNS: [ColumnDefinition; 8] = [
+    NAME_COLUMN,
+    column("Status", "string", "Status of the job."),
+    column(
+        "Completions",
+        "string",
+        "The number of pods which reached phase Succeeded. The value increases monotonically for a given spec. However, it may decrease in reaction to scale down of elastic indexed jobs.",
+    ),
+    column("Duration", "string", "Time required to complete the job."),
+    AGE_COLUMN,
+    wide_column("Containers", "string", CONTAINERS_DESCRIPTION),
+    wide_column("Images", "string", IMAGES_DESCRIPTION),
+    wide_column(
+        "Selector",
+        "string",
+        "A label query over pods that should match the pod count. Normally, the system sets this field for you. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/#label-selectors",
     ),
 ];
 
@@ -1022,6 +1043,54 @@ fn daemon_set_cells(daemon_set: &Value, now: Timestamp) -> Vec<Value> {
     ]
 }
 
+fn job_cells(job: &Value, now: Timestamp) -> Vec<Value> {
+    let (names, images) = container_cells(job);
+    let succeeded = integer(job, "/status/succeeded");
+    let completions = match job.pointer("/spec/completions").and_then(Value::as_i64) {
+        Some(completions) => format!("{succeeded}/{completions}"),
+        None => match integer(job, "/spec/parallelism") {
+            parallelism if parallelism > 1 => format!("{succeeded}/1 of {parallelism}"),
+            _ => format!("{succeeded}/1"),
+        },
+    };
+    let started = timestamp(job, "/status/startTime");
+    let duration = match (started, timestamp(job, "/status/completionTime")) {
+        (None, _) => String::new(),
+        (Some(started), None) => since(Some(started), now),
+        (Some(started), Some(completed)) => since(Some(started), completed),
+    };
+    // Upstream's order: a finished Job reads as finished even while it is being deleted.
+    let condition = |type_: &str| {
+        items(job, "/status/conditions")
+            .iter()
+            .find(|condition| text(condition, "/type") == type_)
+            .is_some_and(|condition| text(condition, "/status") == "True")
+    };
+    let status = if condition("Complete") {
+        "Complete"
+    } else if condition("Failed") {
+        "Failed"
+    } else if present(job, "/metadata/deletionTimestamp").is_some() {
+        "Terminating"
+    } else if condition("Suspended") {
+        "Suspended"
+    } else if condition("FailureTarget") {
+        "FailureTarget"
+    } else {
+        "Running"
+    };
+    vec![
+        json!(object_name(job)),
+        json!(status),
+        json!(completions),
+        json!(duration),
+        json!(age(job, now)),
+        json!(names),
+        json!(images),
+        json!(format_label_selector(job.pointer("/spec/selector"))),
+    ]
+}
+
 fn lease_cells(lease: &Value, now: Timestamp) -> Vec<Value> {
     vec![
         json!(object_name(lease)),
@@ -1254,7 +1323,7 @@ fn human_duration_nanos(nanos: i128) -> String {
 mod tests {
     use super::*;
 
-    const COVERED_KINDS: [&str; 14] = [
+    const COVERED_KINDS: [&str; 15] = [
         "Namespace",
         "Pod",
         "Service",
@@ -1267,6 +1336,7 @@ mod tests {
         "Deployment",
         "ReplicaSet",
         "DaemonSet",
+        "Job",
         "EndpointSlice",
         "Lease",
     ];
@@ -2418,6 +2488,86 @@ mod tests {
         let row = cells("ReplicaSet", workload(json!({}), json!({})));
         assert_eq!(row[1], 1);
         assert_eq!(row[7], "<none>");
+    }
+
+    #[test]
+    fn job_columns_and_rows_follow_print_job() {
+        assert_eq!(
+            names("Job"),
+            [
+                "Name",
+                "Status",
+                "Completions",
+                "Duration",
+                "Age",
+                "Containers",
+                "Images",
+                "Selector"
+            ]
+        );
+        assert_eq!(wide_names("Job"), ["Containers", "Images", "Selector"]);
+        let complete = workload(
+            json!({
+                "completions": 3,
+                "parallelism": 2,
+                "selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "1234"}},
+                "template": pod_template(),
+            }),
+            json!({
+                "succeeded": 3,
+                "startTime": ago(100),
+                "completionTime": ago(40),
+                "conditions": [
+                    {"type": "SuccessCriteriaMet", "status": "True"},
+                    {"type": "Complete", "status": "True"},
+                ],
+            }),
+        );
+        assert_eq!(
+            cells("Job", complete),
+            [
+                json!("web"),
+                json!("Complete"),
+                json!("3/3"),
+                json!("60s"),
+                json!("3h2m"),
+                json!("app,log"),
+                json!("nginx:1.27,busybox"),
+                json!("batch.kubernetes.io/controller-uid=1234"),
+            ]
+        );
+        let running = workload(
+            json!({"parallelism": 4}),
+            json!({"succeeded": 1, "startTime": ago(30)}),
+        );
+        assert_eq!(
+            cells("Job", running)[1..4],
+            [json!("Running"), json!("1/1 of 4"), json!("30s")]
+        );
+        let failed = workload(
+            json!({"completions": 1}),
+            json!({"conditions": [
+                {"type": "FailureTarget", "status": "True"},
+                {"type": "Failed", "status": "True"},
+            ]}),
+        );
+        assert_eq!(
+            cells("Job", failed)[1..4],
+            [json!("Failed"), json!("0/1"), json!("")]
+        );
+        let suspended = workload(
+            json!({"completions": 2, "parallelism": 1}),
+            json!({"conditions": [{"type": "Suspended", "status": "True"}]}),
+        );
+        assert_eq!(cells("Job", suspended)[1], json!("Suspended"));
+        let resumed = workload(
+            json!({}),
+            json!({"conditions": [{"type": "Suspended", "status": "False"}]}),
+        );
+        assert_eq!(
+            cells("Job", resumed)[1..3],
+            [json!("Running"), json!("0/1")]
+        );
     }
 
     #[test]

@@ -1,8 +1,15 @@
-//! `pods/{name}/log`: the one request the API server passes on to a node, as kube-apiserver
-//! passes it to the kubelet. The pod names its node; the Node gives its address (InternalIP
-//! first) and its node API port (`status.daemonEndpoints.kubeletEndpoint.Port`); the node
-//! API's `/containerLogs/{namespace}/{pod}/{container}` answers, and its body goes back to
-//! the client as it arrives, unbuffered, so `kubectl logs -f` follows.
+//! `pods/{name}/log` and `pods/{name}/exec`: the requests the API server passes on to a
+//! node, as kube-apiserver passes them to the kubelet. The pod names its node; the Node gives
+//! its address (InternalIP first) and its node API port
+//! (`status.daemonEndpoints.kubeletEndpoint.Port`). For a log, the node API's
+//! `/containerLogs/{namespace}/{pod}/{container}` answers, and its body goes back to the
+//! client as it arrives, unbuffered, so `kubectl logs -f` follows. For an exec, the client's
+//! upgrade request (WebSocket, `v5.channel.k8s.io`) goes on to the node API's
+//! `/exec/{namespace}/{pod}/{container}`; once the node has switched protocols, so has the
+//! client, and the two upgraded connections are spliced byte for byte (`pods/{name}/attach`
+//! likewise, to `/attach/...`): the API server reads
+//! no frame of the stream. A node's refusal goes back to the client as the node wrote it,
+//! as kube-apiserver's upgrade-aware proxy passes it.
 //!
 //! The API server authenticates to the node with a client certificate signed by the cluster
 //! CA ([`crate::pki::node_client_identity`]), installed once at start through
@@ -21,7 +28,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, StreamBody};
 use hyper::body::Frame;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{self, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -29,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::registry::{self, ResourceInfo};
 use super::status::ApiError;
-use super::{ApiServer, Body, Context, Query, ResourceRequest};
+use super::{ApiServer, Body, Context, Query, ResourceRequest, bytes_response};
 use crate::pki::ClientIdentity;
 
 /// The node API port of a Node that reports none, as kube-apiserver's `--kubelet-port`.
@@ -213,6 +220,112 @@ fn invalid_options(pod: &str, causes: &[(&str, String)]) -> ApiError {
         })),
     }
 }
+
+/// PodExecOptions (or PodAttachOptions, which have no command), decoded from the query
+/// (`command` repeats) as kube-apiserver decodes them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ExecOptions {
+    container: Option<String>,
+    command: Vec<String>,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
+impl ExecOptions {
+    fn parse(raw_query: &str, stream: Stream) -> Result<Self, ApiError> {
+        let mut options = Self::default();
+        for (key, value) in form_urlencoded::parse(raw_query.as_bytes()) {
+            let on = !(value == "0"
+                || ["f", "false", "n", "no", "off"]
+                    .iter()
+                    .any(|no| value.eq_ignore_ascii_case(no)));
+            match key.as_ref() {
+                "container" if !value.is_empty() => options.container = Some(value.into_owned()),
+                "command" => options.command.push(value.into_owned()),
+                "stdin" => options.stdin = on,
+                "stdout" => options.stdout = on,
+                "stderr" => options.stderr = on,
+                "tty" => options.tty = on,
+                _ => {}
+            }
+        }
+        if stream == Stream::Exec && options.command.is_empty() {
+            return Err(ApiError::bad_request(
+                "you must specify at least one command for the container",
+            ));
+        }
+        if !(options.stdin || options.stdout || options.stderr) {
+            return Err(ApiError::bad_request(
+                "you must specify at least 1 of stdin, stdout, stderr",
+            ));
+        }
+        Ok(options)
+    }
+
+    /// The node API's query, in the kubelet's names (`input`, `output`, `error`, `tty`),
+    /// as kube-apiserver's `ExecLocation` builds it.
+    fn node_query(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for command in &self.command {
+            query.append_pair("command", command);
+        }
+        for (key, on) in [
+            ("input", self.stdin),
+            ("output", self.stdout),
+            ("error", self.stderr),
+            ("tty", self.tty),
+        ] {
+            if on {
+                query.append_pair(key, "1");
+            }
+        }
+        query.finish()
+    }
+}
+
+/// The two streaming subresources of a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stream {
+    /// `pods/exec`: a new process in the container.
+    Exec,
+    /// `pods/attach`: the streams of the container's own process.
+    Attach,
+}
+
+impl Stream {
+    /// The node API path's first segment, as the kubelet's.
+    fn node_path(self) -> &'static str {
+        match self {
+            Stream::Exec => "exec",
+            Stream::Attach => "attach",
+        }
+    }
+}
+
+/// The request headers an upgrade carries to the node: the upgrade itself, the WebSocket
+/// handshake (key, version, offered protocols) and SPDY's protocol versions. The client's
+/// credentials stay here; the API server authenticates to the node as itself.
+const UPGRADE_HEADERS: [&str; 7] = [
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "x-stream-protocol-version",
+];
+
+/// The node's 101 headers the client needs to finish its handshake.
+const SWITCHED_HEADERS: [&str; 6] = [
+    "connection",
+    "upgrade",
+    "sec-websocket-accept",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "x-stream-protocol-version",
+];
 
 fn container_names<'a>(pod: &'a Value, list: &str) -> Vec<&'a str> {
     pod["spec"][list]
@@ -464,6 +577,23 @@ fn pass_through(mut upstream: kube::client::Body) -> Body {
     StreamBody::new(ReceiverStream::new(receiver)).boxed()
 }
 
+/// Splices the client's and the node's upgraded connections until both ends are done.
+async fn splice(client: hyper::upgrade::OnUpgrade, node: hyper::upgrade::OnUpgrade, pod: String) {
+    let (client, node) = match tokio::try_join!(client, node) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(pod, %error, "exec upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut node = hyper_util::rt::TokioIo::new(node);
+    match tokio::io::copy_bidirectional(&mut client, &mut node).await {
+        Ok((sent, received)) => tracing::debug!(pod, sent, received, "exec stream ended"),
+        Err(error) => tracing::debug!(pod, %error, "exec stream ended with an error"),
+    }
+}
+
 impl ApiServer {
     /// The stored object `name`, as JSON.
     async fn stored_object(
@@ -542,6 +672,101 @@ impl ApiServer {
         }
         Ok(text_response(pass_through(response.into_body())))
     }
+
+    /// `GET`/`POST pods/{name}/exec` and `pods/{name}/attach`: the client's upgrade goes on
+    /// to the pod's node, and once both have switched protocols the two connections are
+    /// spliced.
+    pub(crate) async fn pod_stream(
+        &self,
+        stream: Stream,
+        request: ResourceRequest,
+        mut context: Context,
+    ) -> Result<Response<Body>, ApiError> {
+        if context.method != Method::GET && context.method != Method::POST {
+            return Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({})",
+                context.method
+            )));
+        }
+        let info = request.info;
+        let namespace = request.namespace.as_deref().unwrap_or("default");
+        let name = request.name.as_deref().unwrap_or_default();
+        let options = ExecOptions::parse(&context.raw_query, stream)?;
+        let pod = self.stored_object(info, Some(namespace), name).await?;
+        let container = choose_container(&pod, name, options.container.as_deref())?;
+        let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+            return Err(ApiError::bad_request(format!(
+                "pod {name} does not have a host assigned"
+            )));
+        };
+        let Some(client_upgrade) = context.on_upgrade.take() else {
+            return Err(ApiError::bad_request(format!(
+                "Upgrade request required: pods/{} is a stream (WebSocket)",
+                stream.node_path()
+            )));
+        };
+        let nodes = registry::lookup("", "v1", "nodes").expect("nodes are a served resource");
+        let node = self.stored_object(nodes, None, node_name).await?;
+        let endpoint = node_endpoint(&node)?;
+
+        let path = format!(
+            "/{}/{namespace}/{name}/{container}?{}",
+            stream.node_path(),
+            options.node_query()
+        );
+        let url = format!("{endpoint}{path}");
+        let client = node_client(&endpoint)?;
+        let mut upstream = hyper::Request::builder()
+            .method(context.method.clone())
+            .uri(path.as_str());
+        for name in UPGRADE_HEADERS {
+            for value in context.headers.get_all(name) {
+                upstream = upstream.header(name, value);
+            }
+        }
+        let upstream = upstream
+            .body(kube::client::Body::empty())
+            .map_err(|error| plain_error(format!("{} \"{url}\": {error}", context.method)))?;
+        let mut response = client
+            .send(upstream)
+            .await
+            .map_err(|error| plain_error(format!("error dialing backend: {error}")))?;
+        let status = response.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            // The node's refusal goes back as it is, as kube-apiserver's proxy passes it.
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("text/plain; charset=utf-8"));
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY)
+                .collect()
+                .await
+                .map(|collected| collected.to_bytes())
+                .map_err(|error| {
+                    ApiError::internal(format!("read the answer of {url}: {error}"))
+                })?;
+            let mut refused = bytes_response(status, "text/plain; charset=utf-8", body);
+            refused.headers_mut().insert(CONTENT_TYPE, content_type);
+            return Ok(refused);
+        }
+        let node_upgrade = hyper::upgrade::on(&mut response);
+        let mut switched = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+        *switched.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        for name in SWITCHED_HEADERS {
+            for value in response.headers().get_all(name) {
+                switched
+                    .headers_mut()
+                    .append(header::HeaderName::from_static(name), value.clone());
+            }
+        }
+        tokio::spawn(splice(
+            client_upgrade,
+            node_upgrade,
+            format!("{namespace}/{name}"),
+        ));
+        Ok(switched)
+    }
 }
 
 #[cfg(test)]
@@ -615,6 +840,37 @@ mod tests {
         assert_eq!(status["reason"], "Invalid");
         assert_eq!(status["details"]["kind"], "PodLogOptions");
         assert_eq!(status["details"]["causes"][1]["field"], "limitBytes");
+    }
+
+    #[test]
+    fn exec_options_repeat_the_command_and_go_on_in_the_kubelets_names() {
+        let options = ExecOptions::parse(
+            "command=sh&command=-c&command=exit+3&container=app&stdin=true&stdout=true&tty=false",
+            Stream::Exec,
+        )
+        .unwrap();
+        assert_eq!(options.command, ["sh", "-c", "exit 3"]);
+        assert_eq!(options.container.as_deref(), Some("app"));
+        assert_eq!(
+            options.node_query(),
+            "command=sh&command=-c&command=exit+3&input=1&output=1"
+        );
+        let error = ExecOptions::parse("stdout=true", Stream::Exec).unwrap_err();
+        assert_eq!(
+            (error.code, error.message.as_str()),
+            (
+                400,
+                "you must specify at least one command for the container"
+            )
+        );
+        let error = ExecOptions::parse("command=ls", Stream::Exec).unwrap_err();
+        assert_eq!(
+            error.message,
+            "you must specify at least 1 of stdin, stdout, stderr"
+        );
+        // An attach has no command.
+        let attach = ExecOptions::parse("container=app&stdout=true&stderr=1", Stream::Attach);
+        assert_eq!(attach.unwrap().node_query(), "output=1&error=1");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use k8s_openapi::api::discovery::v1 as discovery;
-use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coordination, core::v1 as core};
+use k8s_openapi::api::{
+    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+};
 
 /// Decodes a request body into the kind's typed struct and back, which is what
 /// kube-apiserver's decoding does to a body: wrong types fail, unknown fields vanish.
@@ -158,8 +160,8 @@ pub static RESOURCES: &[ResourceInfo] = &[
         namespaced: true,
         short_names: &["po"],
         categories: &["all"],
-        // `log` is passed on to the pod's node (`proxy.rs`).
-        subresources: &["status", "binding", "log"],
+        // `log`, `exec` and `attach` are passed on to the pod's node (`proxy.rs`).
+        subresources: &["status", "binding", "log", "exec", "attach"],
         field_selectors: POD_FIELDS,
         allow_create_on_update: false,
         decode: typed_round_trip::<core::Pod>,
@@ -316,6 +318,21 @@ pub static RESOURCES: &[ResourceInfo] = &[
         schema: schema_of::<apps::DaemonSet>,
     },
     ResourceInfo {
+        group: "batch",
+        version: "v1",
+        resource: "jobs",
+        singular: "job",
+        kind: "Job",
+        namespaced: true,
+        short_names: &[],
+        categories: &["all"],
+        subresources: &["status"],
+        field_selectors: &[],
+        allow_create_on_update: false,
+        decode: typed_round_trip::<batch::Job>,
+        schema: schema_of::<batch::Job>,
+    },
+    ResourceInfo {
         group: "discovery.k8s.io",
         version: "v1",
         resource: "endpointslices",
@@ -350,6 +367,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
 /// The groups, in the order discovery lists them; the core group is served under `/api`.
 pub const GROUPS: &[(&str, &str)] = &[
     ("apps", "v1"),
+    ("batch", "v1"),
     ("discovery.k8s.io", "v1"),
     ("coordination.k8s.io", "v1"),
 ];

@@ -11,7 +11,7 @@ use super::status::{ApiError, Cause};
 
 /// Kinds whose `metadata.generation` counts changes to their spec.
 fn tracks_generation(kind: &str) -> bool {
-    matches!(kind, "Deployment" | "ReplicaSet" | "DaemonSet")
+    matches!(kind, "Deployment" | "ReplicaSet" | "DaemonSet" | "Job")
 }
 
 pub(crate) fn prepare_for_create(info: &ResourceInfo, object: &mut Value) {
@@ -29,10 +29,18 @@ pub(crate) fn prepare_for_create(info: &ResourceInfo, object: &mut Value) {
         "Service" => {
             object["status"] = json!({"loadBalancer": {}});
         }
-        "Deployment" | "ReplicaSet" | "DaemonSet" => {
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" => {
             object["status"] = json!({});
         }
         _ => {}
+    }
+}
+
+/// What a create does once the object has its name, before validation: a Job's generated
+/// selector and pod labels, which carry its name and uid.
+pub(crate) fn prepare_named_for_create(info: &ResourceInfo, object: &mut Value) {
+    if info.kind == "Job" {
+        super::defaults::generate_job_selector(object);
     }
 }
 

@@ -33,6 +33,7 @@ pub fn validate(kind: &str, object: &Value, old: Option<&Value>) -> Vec<FieldCau
         "Deployment" | "ReplicaSet" | "DaemonSet" => {
             validate_workload(kind, object, old, &mut causes)
         }
+        "Job" => validate_job(object, old, &mut causes),
         "ConfigMap" => validate_config_map(object, old, &mut causes),
         "Secret" => validate_secret(object, old, &mut causes),
         "Lease" => validate_lease(object, &mut causes),
@@ -821,6 +822,12 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<FieldCause>) {
     for (index, container) in elements(&spec["containers"]).enumerate() {
         let container_path = format!("{containers_path}[{index}]");
         validate_container(container, &container_path, &volume_names, causes);
+        if !container["restartPolicy"].is_null() {
+            causes.push(forbidden(
+                format!("{container_path}.restartPolicy"),
+                "may not be set for non-init containers",
+            ));
+        }
         let name = text(&container["name"]);
         if !container_names.insert(name) {
             causes.push(duplicate(format!("{container_path}.name"), &go_quote(name)));
@@ -829,6 +836,7 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<FieldCause>) {
     for (index, container) in elements(&spec["initContainers"]).enumerate() {
         let container_path = format!("{path}.initContainers[{index}]");
         validate_container(container, &container_path, &volume_names, causes);
+        validate_init_container_restart(container, &container_path, causes);
         let name = text(&container["name"]);
         if container_names.contains(name) {
             causes.push(duplicate(format!("{container_path}.name"), &go_quote(name)));
@@ -848,6 +856,34 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<FieldCause>) {
         &DNS_POLICIES,
         causes,
     );
+}
+
+/// An init container's `restartPolicy` may only be `Always`, which makes it a sidecar, and
+/// only a sidecar may have probes or lifecycle hooks (upstream's validateInitContainers).
+fn validate_init_container_restart(container: &Value, path: &str, causes: &mut Vec<FieldCause>) {
+    let policy = &container["restartPolicy"];
+    if !policy.is_null() && policy != "Always" {
+        causes.push(not_supported(
+            format!("{path}.restartPolicy"),
+            &go_scalar(policy),
+            &["Always"],
+        ));
+    }
+    if policy != "Always" {
+        for field in [
+            "lifecycle",
+            "livenessProbe",
+            "readinessProbe",
+            "startupProbe",
+        ] {
+            if !container[field].is_null() {
+                causes.push(forbidden(
+                    format!("{path}.{field}"),
+                    "may not be set for init containers without restartPolicy=Always",
+                ));
+            }
+        }
+    }
 }
 
 /// Checks the pod's volumes and returns the names of the valid ones, the only ones a
@@ -1782,6 +1818,187 @@ fn validate_workload(
     }
 }
 
+// Jobs.
+
+const JOB_RESTART_POLICIES: [&str; 2] = ["OnFailure", "Never"];
+const JOB_COMPLETION_MODES: [&str; 2] = ["NonIndexed", "Indexed"];
+const JOB_POD_REPLACEMENT_POLICIES: [&str; 2] = ["TerminatingOrFailed", "Failed"];
+/// The most completions an Indexed Job may have (upstream's `maxParallelismForIndexedJob`
+/// is the same number).
+const MAX_INDEXED_COMPLETIONS: i64 = 100_000;
+
+/// Checks that an optional integer field is not negative.
+fn validate_non_negative(value: &Value, field: &str, causes: &mut Vec<FieldCause>) {
+    if let Some(number) = value.as_i64().filter(|number| *number < 0) {
+        causes.push(invalid(field, &number.to_string(), NEGATIVE_MESSAGE));
+    }
+}
+
+/// `ValidateJob` and, on update, `ValidateJobSpecUpdate` of `pkg/apis/batch/validation`.
+fn validate_job(job: &Value, old: Option<&Value>, causes: &mut Vec<FieldCause>) {
+    let spec = &job["spec"];
+    for field in [
+        "parallelism",
+        "completions",
+        "activeDeadlineSeconds",
+        "backoffLimit",
+        "ttlSecondsAfterFinished",
+    ] {
+        validate_non_negative(&spec[field], &format!("spec.{field}"), causes);
+    }
+    validate_enum(
+        &spec["completionMode"],
+        "spec.completionMode",
+        &JOB_COMPLETION_MODES,
+        causes,
+    );
+    if spec["completionMode"] == "Indexed" {
+        match spec["completions"].as_i64() {
+            None => causes.push(required(
+                "spec.completions",
+                "when completion mode is Indexed",
+            )),
+            Some(completions) if completions > MAX_INDEXED_COMPLETIONS => causes.push(invalid(
+                "spec.completions",
+                &completions.to_string(),
+                &format!("must be less than or equal to {MAX_INDEXED_COMPLETIONS}"),
+            )),
+            Some(_) => {}
+        }
+    }
+    validate_enum(
+        &spec["podReplacementPolicy"],
+        "spec.podReplacementPolicy",
+        &JOB_POD_REPLACEMENT_POLICIES,
+        causes,
+    );
+    if !spec["podFailurePolicy"].is_null() && spec["podReplacementPolicy"] == "TerminatingOrFailed"
+    {
+        causes.push(not_supported(
+            "spec.podReplacementPolicy",
+            &go_quote("TerminatingOrFailed"),
+            &["Failed"],
+        ));
+    }
+
+    let selector = &spec["selector"];
+    let template = &spec["template"];
+    let template_labels = &template["metadata"]["labels"];
+    if selector.is_null() {
+        causes.push(required("spec.selector", ""));
+    } else {
+        validate_label_selector(selector, "spec.selector", causes);
+        // An empty selector would select every pod of the namespace.
+        if !has_requirements(selector) || selector_matches(selector, template_labels) == Some(false)
+        {
+            causes.push(invalid(
+                "spec.template.metadata.labels",
+                &go_string_map(template_labels),
+                "`selector` does not match template `labels`",
+            ));
+        }
+    }
+    if spec["manualSelector"] != Value::Bool(true) {
+        validate_generated_selector(job, causes);
+    }
+    validate_pod_template(template, "spec.template", causes);
+    // A Job's pods run to completion: one that restarts forever could never count.
+    let restart_policy = text(&template["spec"]["restartPolicy"]);
+    if !JOB_RESTART_POLICIES.contains(&restart_policy) {
+        causes.push(not_supported(
+            "spec.template.spec.restartPolicy",
+            &go_quote(restart_policy),
+            &JOB_RESTART_POLICIES,
+        ));
+    }
+
+    let Some(old) = old else {
+        return;
+    };
+    let old_spec = &old["spec"];
+    for field in [
+        "completions",
+        "completionMode",
+        "podFailurePolicy",
+        "backoffLimitPerIndex",
+        "successPolicy",
+        "managedBy",
+    ] {
+        validate_unchanged(
+            &spec[field],
+            &old_spec[field],
+            &format!("spec.{field}"),
+            causes,
+        );
+    }
+    if without_unset_fields(selector) != without_unset_fields(&old_spec["selector"]) {
+        causes.push(invalid(
+            "spec.selector",
+            &go_label_selector(selector),
+            FIELD_IMMUTABLE_MESSAGE,
+        ));
+    }
+    // Pods already made from the template would differ from later ones. A suspended Job
+    // that never started has no pods yet: where its pods will run (and their labels) may
+    // still change, as a queueing controller does before it admits the Job.
+    let mut allowed_template = old_spec["template"].clone();
+    let never_started = old_spec["suspend"] == Value::Bool(true)
+        && spec["suspend"] == Value::Bool(true)
+        && old["status"]["startTime"].is_null();
+    if never_started {
+        for (part, field) in [
+            ("metadata", "labels"),
+            ("metadata", "annotations"),
+            ("spec", "nodeSelector"),
+            ("spec", "tolerations"),
+            ("spec", "affinity"),
+            ("spec", "schedulingGates"),
+        ] {
+            allowed_template[part][field] = template[part][field].clone();
+        }
+    }
+    if without_unset_fields(template) != without_unset_fields(&allowed_template) {
+        causes.push(invalid(
+            "spec.template",
+            "core.PodTemplateSpec{...}",
+            FIELD_IMMUTABLE_MESSAGE,
+        ));
+    }
+}
+
+/// Unless the client chose its own selector, the one the server generated must still select
+/// the Job's uid, and the template must carry it (`validateGeneratedSelector`).
+fn validate_generated_selector(job: &Value, causes: &mut Vec<FieldCause>) {
+    let uid = text(&job["metadata"]["uid"]);
+    let template_labels = &job["spec"]["template"]["metadata"]["labels"];
+    if template_labels.is_null() {
+        causes.push(required(
+            "spec.template.metadata.labels",
+            "`controller-uid` is required",
+        ));
+        return;
+    }
+    for label in ["controller-uid", super::defaults::JOB_CONTROLLER_UID_LABEL] {
+        if template_labels[label].as_str() != Some(uid) {
+            causes.push(invalid(
+                "spec.template.metadata.labels",
+                &go_string_map(template_labels),
+                &format!("must be '{label}: {uid}'"),
+            ));
+        }
+    }
+    let selector = &job["spec"]["selector"];
+    if !selector.is_null()
+        && selector["matchLabels"][super::defaults::JOB_CONTROLLER_UID_LABEL].as_str() != Some(uid)
+    {
+        causes.push(invalid(
+            "spec.selector.matchLabels",
+            &go_string_map(&selector["matchLabels"]),
+            "`selector` not auto-generated",
+        ));
+    }
+}
+
 // ConfigMaps and Secrets.
 
 /// The most data a ConfigMap or Secret may carry, so that it fits in one etcd value.
@@ -2386,6 +2603,57 @@ mod tests {
             None,
         );
         assert_eq!(cause.field, "spec.containers[0].imagePullPolicy");
+    }
+
+    #[test]
+    fn only_init_containers_take_a_restart_policy_and_only_always() {
+        let with_init = |init: Value| pod_with(|p| p["spec"]["initContainers"] = json!([init]));
+        assert_valid(
+            "Pod",
+            &with_init(
+                json!({"name": "proxy", "image": "busybox", "imagePullPolicy": "IfNotPresent", "restartPolicy": "Always",
+                "startupProbe": {"tcpSocket": {"port": 80}},
+                "readinessProbe": {"tcpSocket": {"port": 80}}}),
+            ),
+            None,
+        );
+        let cause = only_cause(
+            "Pod",
+            &with_init(
+                json!({"name": "setup", "image": "busybox", "imagePullPolicy": "IfNotPresent", "restartPolicy": "OnFailure"}),
+            ),
+            None,
+        );
+        assert_eq!(cause.reason, "FieldValueNotSupported");
+        assert_eq!(cause.field, "spec.initContainers[0].restartPolicy");
+        assert_eq!(
+            cause.message,
+            "Unsupported value: \"OnFailure\": supported values: \"Always\""
+        );
+        let cause = only_cause(
+            "Pod",
+            &with_init(
+                json!({"name": "setup", "image": "busybox", "imagePullPolicy": "IfNotPresent",
+                "livenessProbe": {"tcpSocket": {"port": 80}}}),
+            ),
+            None,
+        );
+        assert_eq!(cause.field, "spec.initContainers[0].livenessProbe");
+        assert_eq!(
+            cause.message,
+            "Forbidden: may not be set for init containers without restartPolicy=Always"
+        );
+        let cause = only_cause(
+            "Pod",
+            &pod_with(|p| p["spec"]["containers"][0]["restartPolicy"] = json!("Always")),
+            None,
+        );
+        assert_eq!(cause.reason, "FieldValueForbidden");
+        assert_eq!(cause.field, "spec.containers[0].restartPolicy");
+        assert_eq!(
+            cause.message,
+            "Forbidden: may not be set for non-init containers"
+        );
     }
 
     #[test]
@@ -3029,5 +3297,129 @@ mod tests {
             None,
         );
         assert_eq!(cause.field, "metadata.name");
+    }
+
+    /// A Job as kubectl sends it, defaulted and given its selector as on create.
+    fn job_with(change: impl FnOnce(&mut Value)) -> Value {
+        let mut template = pod_template();
+        template["metadata"] = json!({});
+        template["spec"]["restartPolicy"] = json!("Never");
+        let mut job = json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "pi", "namespace": "default", "uid": "6f1c2f8e-0d7a-4a57-9b2e-1d3c6a1f0b9e"},
+            "spec": {"completions": 3, "parallelism": 2, "template": template},
+        });
+        change(&mut job);
+        crate::api::defaults::apply_defaults("Job", &mut job);
+        crate::api::defaults::generate_job_selector(&mut job);
+        job
+    }
+
+    #[test]
+    fn defaulted_jobs_with_a_generated_selector_are_valid() {
+        let job = job_with(|_| {});
+        assert_valid("Job", &job, None);
+        assert_valid("Job", &job, Some(&job));
+        let on_failure =
+            job_with(|j| j["spec"]["template"]["spec"]["restartPolicy"] = json!("OnFailure"));
+        assert_valid("Job", &on_failure, None);
+        let manual = job_with(|j| {
+            j["spec"]["manualSelector"] = json!(true);
+            j["spec"]["selector"] = json!({"matchLabels": {"app": "batch"}});
+            j["spec"]["template"]["metadata"]["labels"] = json!({"app": "batch"});
+        });
+        assert_valid("Job", &manual, None);
+    }
+
+    #[test]
+    fn job_pods_may_not_restart_always() {
+        let job = job_with(|j| j["spec"]["template"]["spec"]["restartPolicy"] = json!("Always"));
+        let cause = only_cause("Job", &job, None);
+        assert_eq!(cause.reason, "FieldValueNotSupported");
+        assert_eq!(
+            format!("{}: {}", cause.field, cause.message),
+            "spec.template.spec.restartPolicy: Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\""
+        );
+    }
+
+    #[test]
+    fn job_counts_modes_and_selectors() {
+        let job = job_with(|j| j["spec"]["backoffLimit"] = json!(-1));
+        assert_eq!(
+            shown(&validate("Job", &job, None)),
+            vec!["spec.backoffLimit: Invalid value: -1: must be greater than or equal to 0"]
+        );
+        let job = job_with(|j| {
+            j["spec"]["completionMode"] = json!("Indexed");
+            j["spec"].as_object_mut().unwrap().remove("completions");
+            j["spec"]["parallelism"] = json!(2);
+        });
+        assert_eq!(
+            shown(&validate("Job", &job, None)),
+            vec!["spec.completions: Required value: when completion mode is Indexed"]
+        );
+        let mut job = job_with(|_| {});
+        job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"] =
+            json!("other");
+        let causes = shown(&validate("Job", &job, None));
+        assert!(
+            causes
+                .iter()
+                .any(|c| c.starts_with("spec.selector.matchLabels: ")
+                    && c.ends_with("`selector` not auto-generated")),
+            "{causes:#?}"
+        );
+        let manual = job_with(|j| {
+            j["spec"]["manualSelector"] = json!(true);
+            j["spec"]["selector"] = json!({"matchLabels": {"app": "batch"}});
+            j["spec"]["template"]["metadata"]["labels"] = json!({"app": "other"});
+        });
+        assert_eq!(
+            shown(&validate("Job", &manual, None)),
+            vec![
+                "spec.template.metadata.labels: Invalid value: map[string]string{\"app\":\"other\"}: `selector` does not match template `labels`"
+            ]
+        );
+    }
+
+    #[test]
+    fn job_selector_template_and_completions_are_immutable() {
+        let old = job_with(|_| {});
+        let mut new = old.clone();
+        new["spec"]["template"]["spec"]["containers"][0]["image"] = json!("busybox:2");
+        assert_eq!(
+            shown(&validate("Job", &new, Some(&old))),
+            vec!["spec.template: Invalid value: core.PodTemplateSpec{...}: field is immutable"]
+        );
+        let mut new = old.clone();
+        new["spec"]["completions"] = json!(4);
+        assert_eq!(
+            shown(&validate("Job", &new, Some(&old))),
+            vec!["spec.completions: Invalid value: 4: field is immutable"]
+        );
+        // What may change: parallelism, suspend, the deadline, the status.
+        let mut new = old.clone();
+        new["spec"]["parallelism"] = json!(5);
+        new["spec"]["suspend"] = json!(true);
+        new["spec"]["activeDeadlineSeconds"] = json!(60);
+        new["status"] = json!({"active": 2});
+        assert_valid("Job", &new, Some(&old));
+    }
+
+    #[test]
+    fn a_suspended_job_that_never_started_may_move_its_pods() {
+        let old = job_with(|j| j["spec"]["suspend"] = json!(true));
+        let mut new = old.clone();
+        new["spec"]["template"]["spec"]["nodeSelector"] = json!({"zone": "b"});
+        new["spec"]["template"]["metadata"]["labels"]["queue"] = json!("batch");
+        assert_valid("Job", &new, Some(&old));
+        // Not its containers, and not once it ran.
+        let mut image = new.clone();
+        image["spec"]["template"]["spec"]["containers"][0]["image"] = json!("busybox:2");
+        assert_eq!(validate("Job", &image, Some(&old)).len(), 1);
+        let mut started = old.clone();
+        started["status"]["startTime"] = json!("2026-11-23T08:00:00Z");
+        assert_eq!(validate("Job", &new, Some(&started)).len(), 1);
     }
 }

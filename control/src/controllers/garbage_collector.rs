@@ -42,6 +42,7 @@ pub const KNOWN_KINDS: &[(&str, &str, &str, bool)] = &[
     ("apps/v1", "Deployment", "deployments", true),
     ("apps/v1", "ReplicaSet", "replicasets", true),
     ("apps/v1", "DaemonSet", "daemonsets", true),
+    ("batch/v1", "Job", "jobs", true),
     (
         "discovery.k8s.io/v1",
         "EndpointSlice",

@@ -3,7 +3,7 @@
 //! desired state.
 //!
 //! `namespace` runs inside the server on the store itself. The workload controllers
-//! (`replicaset`, `deployment`, `daemonset`, `endpointslice`, `node_lifecycle`,
+//! (`replicaset`, `deployment`, `daemonset`, `job`, `endpointslice`, `node_lifecycle`,
 //! `garbage_collector`) are API clients: they read watch-fed caches (`runtime`), one watch
 //! per kind shared by all of them, and write through the API, so they can also run as
 //! their own process. `leader` makes sure only one process runs them at a time.
@@ -16,6 +16,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod garbage_collector;
+pub mod job;
 pub mod leader;
 pub mod namespace;
 pub mod node_lifecycle;
@@ -25,6 +26,7 @@ pub mod runtime;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -98,7 +100,7 @@ impl WorkloadOptions {
     }
 }
 
-/// Runs the workload controllers (ReplicaSet, Deployment, DaemonSet, EndpointSlice, node
+/// Runs the workload controllers (ReplicaSet, Deployment, DaemonSet, Job, EndpointSlice, node
 /// lifecycle, garbage collector) against the API server behind `client`, while this
 /// process holds the `kube-system/skiff-controllers` Lease, with options from the
 /// environment ([`WorkloadOptions::from_env`]).
@@ -124,10 +126,12 @@ pub async fn run_workloads_with(
 /// The controllers themselves, without leader election.
 async fn run_controllers(client: kube::Client, options: WorkloadOptions) -> anyhow::Result<()> {
     let workers = options.workers;
-    let (pods, pods_task) = Cache::<Pod>::new(Api::all(client.clone()));
+    let (pods, pods_task) =
+        Cache::<Pod>::with_transform(Api::all(client.clone()), runtime::slim_pod);
     let (replicasets, replicasets_task) = Cache::<ReplicaSet>::new(Api::all(client.clone()));
     let (deployments, deployments_task) = Cache::<Deployment>::new(Api::all(client.clone()));
     let (daemonsets, daemonsets_task) = Cache::<DaemonSet>::new(Api::all(client.clone()));
+    let (jobs, jobs_task) = Cache::<Job>::new(Api::all(client.clone()));
     let (nodes, nodes_task) = Cache::<Node>::new(Api::all(client.clone()));
     let (leases, leases_task) = Cache::<Lease>::new(Api::namespaced(
         client.clone(),
@@ -151,6 +155,7 @@ async fn run_controllers(client: kube::Client, options: WorkloadOptions) -> anyh
         nodes.clone(),
         pods.clone(),
     );
+    let job_controller = job::JobController::new(client.clone(), jobs.clone(), pods.clone());
     let endpointslice_controller = endpointslice::EndpointSliceController::new(
         client.clone(),
         services.clone(),
@@ -170,6 +175,7 @@ async fn run_controllers(client: kube::Client, options: WorkloadOptions) -> anyh
     sources.add(&replicasets);
     sources.add(&deployments);
     sources.add(&daemonsets);
+    sources.add(&jobs);
     sources.add(&services);
     sources.add(&slices);
     let garbage_collector = garbage_collector::GarbageCollector::new(client.clone());
@@ -180,6 +186,7 @@ async fn run_controllers(client: kube::Client, options: WorkloadOptions) -> anyh
             replicasets_task,
             deployments_task,
             daemonsets_task,
+            jobs_task,
             nodes_task,
             leases_task,
             services_task,
@@ -192,6 +199,7 @@ async fn run_controllers(client: kube::Client, options: WorkloadOptions) -> anyh
             replicaset_controller.run(workers),
             deployment_controller.run(workers),
             daemonset_controller.run(workers),
+            job_controller.run(workers),
             endpointslice_controller.run(workers),
             node_lifecycle_controller.run(),
             garbage_collector.run(sources, workers),

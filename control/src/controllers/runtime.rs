@@ -54,6 +54,16 @@ where
 {
     /// A cache of what `api` serves, and the task that keeps it current.
     pub fn new(api: Api<K>) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        Self::with_transform(api, |_| {})
+    }
+
+    /// A cache of what `api` serves, each object trimmed by `transform` as it arrives,
+    /// before it is cached or handed to subscribers (client-go's `SetTransform`): the cache
+    /// then holds only the fields its readers read. See [`slim_pod`].
+    pub fn with_transform(
+        api: Api<K>,
+        transform: fn(&mut K),
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (store, mut writer) = reflector::store::<K>();
         let subscribers: Arc<Mutex<Vec<mpsc::UnboundedSender<Change<K>>>>> = Arc::default();
         let cache = Self {
@@ -66,7 +76,7 @@ where
                 .boxed();
             while let Some(event) = events.next().await {
                 let event = match event {
-                    Ok(event) => event,
+                    Ok(event) => event.modify(transform),
                     Err(error) => {
                         tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
                         continue;
@@ -427,6 +437,59 @@ where
     (done, None)
 }
 
+/// The annotation `kubectl apply` keeps a whole copy of the applied object in.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Trims a pod to what the controllers read, for the shared pod cache
+/// ([`Cache::with_transform`]): metadata without `managedFields` and the last-applied
+/// copy, the status, and of the spec only `nodeName`, `tolerations`, `restartPolicy`,
+/// `hostname`, `subdomain` and the containers' ports. Images, commands, environment,
+/// resources, probes, mounts and volumes were three quarters of a cached pod and no
+/// controller reads them; a controller that comes to read another spec field adds it here.
+///
+/// The ports of all containers are kept in order in one container named after the first
+/// (none if no container has ports): a `k8s-openapi` `Container` is about 3 kB even when
+/// empty, and the ports are read only to resolve a Service's named `targetPort`, which
+/// looks through every container's ports in order.
+pub fn slim_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    pod.metadata.managed_fields = None;
+    if let Some(annotations) = &mut pod.metadata.annotations {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+    let Some(spec) = pod.spec.take() else {
+        return;
+    };
+    let first_name = spec
+        .containers
+        .first()
+        .map(|container| container.name.clone())
+        .unwrap_or_default();
+    let ports: Vec<_> = spec
+        .containers
+        .into_iter()
+        .flat_map(|container| container.ports.unwrap_or_default())
+        .collect();
+    let containers = if ports.is_empty() {
+        Vec::new()
+    } else {
+        vec![Container {
+            name: first_name,
+            ports: Some(ports),
+            ..Container::default()
+        }]
+    };
+    pod.spec = Some(PodSpec {
+        containers,
+        node_name: spec.node_name,
+        tolerations: spec.tolerations,
+        restart_policy: spec.restart_policy,
+        hostname: spec.hostname,
+        subdomain: spec.subdomain,
+        ..PodSpec::default()
+    });
+}
+
 /// Whether a pod's Ready condition is True.
 pub fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     ready_since(pod).is_some()
@@ -562,6 +625,57 @@ mod tests {
         };
         assert!(selector_matches(&selector, &labels));
         assert!(!selector_matches(&selector, &BTreeMap::new()));
+    }
+
+    #[test]
+    fn slim_pods_keep_what_controllers_read() {
+        use k8s_openapi::api::core::v1::Pod;
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-1", "namespace": "default", "uid": "u1",
+                "labels": {"app": "web"},
+                "annotations": {LAST_APPLIED_ANNOTATION: "{}", "keep": "me"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "web", "uid": "rs", "controller": true}],
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {
+                "nodeName": "n1",
+                "tolerations": [{"key": "k", "operator": "Exists"}],
+                "containers": [
+                    {"name": "web", "image": "web:1", "env": [{"name": "A", "value": "1"}],
+                     "ports": [{"name": "http", "containerPort": 8080}]},
+                    {"name": "sidecar", "image": "log:1"},
+                    {"name": "metrics", "ports": [{"name": "metrics", "containerPort": 9090}]}
+                ],
+                "volumes": [{"name": "cache", "emptyDir": {}}]
+            },
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let status = pod.status.clone();
+        slim_pod(&mut pod);
+        assert!(pod.metadata.managed_fields.is_none());
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations["keep"], "me");
+        assert!(controller_of(&pod).is_some());
+        assert_eq!(pod.status, status);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert_eq!(spec.tolerations.as_ref().unwrap().len(), 1);
+        assert!(spec.volumes.is_none());
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!(spec.containers[0].name, "web");
+        assert!(spec.containers[0].image.is_none());
+        let ports: Vec<_> = spec.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(ports, [("http", 8080), ("metrics", 9090)]);
     }
 
     #[tokio::test]

@@ -10,7 +10,9 @@
 //! A pod that fits nowhere gets `PodScheduled=False` and a `FailedScheduling` event with
 //! upstream's message, and waits until a node or pod changes in a way that may make room;
 //! then it is retried after its backoff (1 s doubling to 10 s per attempt), as upstream's
-//! scheduling queue does.
+//! scheduling queue does. Those writes wait in a queue of pod keys ([`Reports`]) drained by
+//! [`MAX_REPORTS_IN_FLIGHT`] workers, so a burst of unschedulable pods costs a small entry
+//! per pod rather than a parked request task per pod.
 
 pub mod cache;
 pub mod filters;
@@ -20,7 +22,7 @@ pub mod select;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -30,9 +32,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, watcher};
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::controllers::runtime::{Queue, run_workers};
 use cache::{Cache, Change, NodeInfo, PodInfo, PodKey};
 use select::{Decision, Selector};
 
@@ -40,7 +43,8 @@ use select::{Decision, Selector};
 pub const MAX_BINDS_IN_FLIGHT: usize = 256;
 /// Decisions made between two looks at the watches, at most.
 const DECISIONS_PER_TURN: usize = 64;
-/// Status patches and events for unschedulable pods in flight, at most.
+/// Status patches and events for unschedulable pods in flight, at most (the workers that
+/// drain [`Reports`]).
 const MAX_REPORTS_IN_FLIGHT: usize = 16;
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -63,7 +67,11 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         .default_backoff()
         .boxed();
     let (done_sender, mut done_receiver) = mpsc::unbounded_channel();
-    let mut scheduler = Scheduler::new(client, done_sender);
+    let reports = Reports::default();
+    // Dropped with this future: a scheduler that loses its Lease stops reporting too.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(reports.clone().run(client.clone()));
+    let mut scheduler = Scheduler::new(client, done_sender, reports);
     tracing::info!("scheduler started");
     let mut load = Load::new();
     loop {
@@ -176,8 +184,8 @@ struct PendingPod {
     attempts: u32,
     last_attempt: Option<Instant>,
     /// The unschedulable message last written to the pod, so retries that fail the same
-    /// way do not write it again.
-    reported: Option<String>,
+    /// way do not write it again. Shared with every pod that failed the same way.
+    reported: Option<Arc<str>>,
 }
 
 /// The answer to one binding request.
@@ -200,7 +208,9 @@ struct Scheduler {
     /// Decisions made so far, for the load log.
     decisions: u64,
     done_sender: mpsc::UnboundedSender<BindDone>,
-    reports: Arc<Semaphore>,
+    reports: Reports,
+    /// The last unschedulable message, shared by the pods that get the same one.
+    last_message: Option<Arc<str>>,
     /// Keys seen since a watch (re)started its initial list, to drop what vanished.
     relisted_pods: Option<HashSet<PodKey>>,
     relisted_nodes: Option<HashSet<String>>,
@@ -209,7 +219,11 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(client: kube::Client, done_sender: mpsc::UnboundedSender<BindDone>) -> Self {
+    fn new(
+        client: kube::Client,
+        done_sender: mpsc::UnboundedSender<BindDone>,
+        reports: Reports,
+    ) -> Self {
         Self {
             client,
             cache: Cache::default(),
@@ -221,7 +235,8 @@ impl Scheduler {
             binds_in_flight: 0,
             decisions: 0,
             done_sender,
-            reports: Arc::new(Semaphore::new(MAX_REPORTS_IN_FLIGHT)),
+            reports,
+            last_message: None,
             relisted_pods: None,
             relisted_nodes: None,
             pods_synced: false,
@@ -287,6 +302,7 @@ impl Scheduler {
                 {
                     self.pending.remove(&key);
                     self.unschedulable.remove(&key);
+                    self.reports.forget(&key);
                 }
                 if self.cache.holds(&key, &info.uid)
                     && self.cache.remove_pod(&key) == Change::MayHelp
@@ -297,8 +313,13 @@ impl Scheduler {
             watcher::Event::InitDone => {
                 if let Some(seen) = self.relisted_pods.take() {
                     self.cache.retain_pods(&seen);
+                    let reports = &self.reports;
                     self.pending.retain(|key, pending| {
-                        pending.waiting == Waiting::Binding || seen.contains(key)
+                        let keep = pending.waiting == Waiting::Binding || seen.contains(key);
+                        if !keep {
+                            reports.forget(key);
+                        }
+                        keep
                     });
                 }
                 self.pods_synced = true;
@@ -349,6 +370,7 @@ impl Scheduler {
             // Bound (by us or anyone), deleted, finished or handed to another scheduler.
             self.pending.remove(&key);
             self.unschedulable.remove(&key);
+            self.reports.forget(&key);
         }
         if change == Change::MayHelp {
             self.retry_unschedulable();
@@ -434,14 +456,17 @@ impl Scheduler {
                 Decision::Unschedulable(message) => {
                     pending.waiting = Waiting::Unschedulable;
                     tracing::debug!(pod = %key, %message, "unschedulable");
-                    if pending.reported.as_ref() != Some(&message) {
+                    if pending.reported.as_deref() != Some(message.as_str()) {
+                        // Pods failing in a burst mostly fail the same way: one copy of
+                        // the message for all of them.
+                        let message = match &self.last_message {
+                            Some(last) if **last == *message => last.clone(),
+                            _ => Arc::<str>::from(message),
+                        };
+                        self.last_message = Some(message.clone());
                         pending.reported = Some(message.clone());
-                        tokio::spawn(report_unschedulable(
-                            self.client.clone(),
-                            self.reports.clone(),
-                            pending.info.clone(),
-                            message,
-                        ));
+                        self.reports
+                            .add(key.clone(), pending.info.uid.clone(), message);
                     }
                     self.unschedulable.insert(key);
                 }
@@ -527,49 +552,94 @@ async fn bind(
     });
 }
 
-/// Writes `PodScheduled=False` with `message` to the pod and records a `FailedScheduling`
-/// event, as upstream's scheduler does for a pod that fits nowhere.
-async fn report_unschedulable(
-    client: kube::Client,
-    reports: Arc<Semaphore>,
-    pod: PodInfo,
-    message: String,
-) {
-    let Ok(_permit) = reports.acquire_owned().await else {
-        return;
-    };
+/// Unschedulable pods waiting for their status write and event: a deduplicating queue of
+/// pod keys, and beside it the latest message for each, so a pod that fails again before
+/// its report went out is reported once, with its latest message, and a pod that goes away
+/// first is not reported at all.
+#[derive(Clone, Default)]
+struct Reports {
+    queue: Arc<Queue>,
+    waiting: Arc<Mutex<HashMap<PodKey, Report>>>,
+}
+
+/// What to write about one pod.
+struct Report {
+    uid: String,
+    message: Arc<str>,
+}
+
+impl Reports {
+    fn add(&self, key: PodKey, uid: String, message: Arc<str>) {
+        self.waiting
+            .lock()
+            .expect("reports lock")
+            .insert(key.clone(), Report { uid, message });
+        self.queue.add(key);
+    }
+
+    fn forget(&self, key: &str) {
+        self.waiting.lock().expect("reports lock").remove(key);
+    }
+
+    /// Writes the queued reports, [`MAX_REPORTS_IN_FLIGHT`] at a time, forever.
+    async fn run(self, client: kube::Client) {
+        let waiting = self.waiting.clone();
+        run_workers(
+            "scheduler-reports",
+            self.queue,
+            MAX_REPORTS_IN_FLIGHT,
+            move |key| {
+                let report = waiting.lock().expect("reports lock").remove(&key);
+                let client = client.clone();
+                async move {
+                    if let Some(report) = report {
+                        report_unschedulable(client, &key, report).await;
+                    }
+                    Ok(None)
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Writes `PodScheduled=False` with the report's message to the pod and records a
+/// `FailedScheduling` event, as upstream's scheduler does for a pod that fits nowhere.
+async fn report_unschedulable(client: kube::Client, key: &str, report: Report) {
+    let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+    let Report { uid, message } = report;
     let now = jiff::Timestamp::now();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let patch = json!({"status": {"conditions": [{
         "type": "PodScheduled",
         "status": "False",
         "reason": "Unschedulable",
-        "message": message,
+        "message": &*message,
         "lastProbeTime": null,
         "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
     }]}});
     if let Err(error) = pods
-        .patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(patch))
+        .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
         .await
     {
-        tracing::warn!(pod = %pod.key(), %error, "write PodScheduled=False");
+        tracing::warn!(pod = %key, %error, "write PodScheduled=False");
     }
     let event = Event {
         metadata: ObjectMeta {
-            name: Some(format!("{}.{:x}", pod.name, now.as_nanosecond())),
-            namespace: Some(pod.namespace.clone()),
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: Some(namespace.into()),
             ..ObjectMeta::default()
         },
         involved_object: ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            uid: Some(uid),
             ..ObjectReference::default()
         },
         reason: Some("FailedScheduling".into()),
-        message: Some(message),
+        message: Some(message.to_string()),
         type_: Some("Warning".into()),
         action: Some("Scheduling".into()),
         source: Some(EventSource {
@@ -583,9 +653,9 @@ async fn report_unschedulable(
         count: Some(1),
         ..Event::default()
     };
-    let events: Api<Event> = Api::namespaced(client, &pod.namespace);
+    let events: Api<Event> = Api::namespaced(client, namespace);
     if let Err(error) = events.create(&PostParams::default(), &event).await {
-        tracing::warn!(pod = %pod.key(), %error, "record FailedScheduling event");
+        tracing::warn!(pod = %key, %error, "record FailedScheduling event");
     }
 }
 
