@@ -148,8 +148,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     )
     .await
     .context("start the node API")?;
-    let executor =
-        crate::exec::Executor::new(runtime.containerd().clone(), config.run_dir.join("exec"));
+    let executor = runtime.executor().clone();
     let node_api = node_api.with_executor(executor.clone());
     tokio::spawn(async move { executor.remove_orphans().await });
     tracing::info!(address = %node_api.local_addr(), "node API listening");

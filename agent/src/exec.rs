@@ -58,6 +58,8 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Output chunks in flight between the FIFO readers and the WebSocket.
 const CHUNKS_IN_FLIGHT: usize = 16;
 const READ_BUFFER: usize = 32 * 1024;
+/// Output of a client-less command kept per stream, as the kubelet keeps of a probe's.
+pub const CAPTURED_OUTPUT: usize = 10 * 1024;
 
 /// The start of the ID of every exec process a session makes.
 const EXEC_ID_PREFIX: &str = "exec-";
@@ -363,9 +365,75 @@ impl Executor {
         })
     }
 
+    /// Runs `command` in the task of `container_id` without a client, as an exec probe
+    /// does: returns its exit code and the start of its output (stdout then stderr, at most
+    /// [`CAPTURED_OUTPUT`] bytes each; the rest is read and dropped so the process never
+    /// blocks on a full pipe). A process still running after `timeout` is killed and the
+    /// call fails. The process and its FIFOs are gone when this returns.
+    pub async fn run(
+        &self,
+        container_id: &str,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<(u32, Vec<u8>), ExecError> {
+        let options = ExecOptions {
+            command: command.to_vec(),
+            stdout: true,
+            stderr: true,
+            ..ExecOptions::default()
+        };
+        let mut process = self.start(container_id, &options).await?;
+        let exec_id = process.exec_id.clone();
+        let capture = |receiver: Option<pipe::Receiver>| {
+            tokio::spawn(async move {
+                let mut kept = Vec::new();
+                let Some(mut receiver) = receiver else {
+                    return kept;
+                };
+                let mut buffer = vec![0; READ_BUFFER];
+                while let Ok(read @ 1..) = receiver.read(&mut buffer).await {
+                    let room = CAPTURED_OUTPUT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buffer[..read.min(room)]);
+                }
+                kept
+            })
+        };
+        let stdout = capture(process.stdout.take());
+        let stderr = capture(process.stderr.take());
+        let waited = tokio::time::timeout(
+            timeout,
+            self.wait(container_id.to_string(), exec_id.clone()),
+        )
+        .await;
+        let result = match waited {
+            Ok(Ok(code)) => {
+                let mut output = Vec::new();
+                for reader in [stdout, stderr] {
+                    // A child left in the background may hold the pipe open: what came
+                    // in time is enough.
+                    if let Ok(Ok(part)) = tokio::time::timeout(OUTPUT_DRAIN, reader).await {
+                        output.extend_from_slice(&part);
+                    }
+                }
+                Ok((code, output))
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => {
+                self.kill(container_id, &exec_id).await;
+                let wait = self.wait(container_id.to_string(), exec_id.clone());
+                let _ = tokio::time::timeout(KILL_WAIT, wait).await;
+                Err(ExecError::Other(anyhow::anyhow!(
+                    "command timed out after {timeout:?}"
+                )))
+            }
+        };
+        self.delete(container_id, &exec_id).await;
+        result
+    }
+
     /// Ends the exec processes of sessions a killed agent left behind (their clients are
     /// gone with its connections): kills and deletes every exec process whose ID is one
-    /// this module makes. Exec probes and other clients' processes are left alone.
+    /// this module makes. Exec probes (which [`Executor::run`] makes) go too; other clients' processes are left alone.
     pub async fn remove_orphans(&self) {
         let tasks = match self
             .containerd

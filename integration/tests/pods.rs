@@ -291,7 +291,7 @@ fn probes_restart_unhealthy_containers_and_gate_readiness() {
   containers:
   - name: app
     image: {IMAGE}
-    command: ["sh", "-c", "sleep 2; touch /tmp/ready; sleep 4; rm /tmp/ready; sleep 1000"]
+    command: ["sh", "-c", "sleep 2; echo ok > /tmp/ready; sleep 4; rm /tmp/ready; sleep 1000"]
     readinessProbe:
       exec: {{command: ["cat", "/tmp/ready"]}}
       periodSeconds: 1

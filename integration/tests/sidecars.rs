@@ -83,11 +83,11 @@ fn a_sidecar_starts_first_feeds_the_app_through_an_empty_dir_and_stops_last() {
     restartPolicy: Always
     command: ["sh", "-c", "trap 'echo feeder >> /host/stopped; exit 0' TERM; sleep 2; echo hello from the sidecar > /shared/message; while true; do sleep 0.1; done"]
     startupProbe:
-      exec: {{command: ["test", "-s", "/shared/message"]}}
+      exec: {{command: ["cat", "/shared/message"]}}
       periodSeconds: 1
       failureThreshold: 30
     readinessProbe:
-      exec: {{command: ["test", "-s", "/shared/message"]}}
+      exec: {{command: ["cat", "/shared/message"]}}
       periodSeconds: 1
     volumeMounts:
     - {{name: shared, mountPath: /shared}}

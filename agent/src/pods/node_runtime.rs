@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use containerd_client::services::v1::{
     Container as CtrContainer, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest, GetContainerRequest, GetRequest,
-    KillRequest, ListContainersRequest, StartRequest, SubscribeRequest, UpdateContainerRequest,
-    WaitRequest, container::Runtime as CtrRuntime,
+    DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest, ListContainersRequest,
+    StartRequest, SubscribeRequest, UpdateContainerRequest, WaitRequest,
+    container::Runtime as CtrRuntime,
 };
 use futures::StreamExt as _;
 use jiff::Timestamp;
@@ -84,6 +84,7 @@ pub struct NodeRuntime {
     allocatable: BTreeMap<String, String>,
     /// Pulling, Pulled, Created, Started: what happens inside a container's start.
     events: EventRecorder,
+    executor: crate::exec::Executor,
 }
 
 fn runtime_error(error: impl Into<anyhow::Error>) -> RuntimeError {
@@ -184,6 +185,7 @@ impl NodeRuntime {
             node_ips: vec![host_ip.parse().context("node IP")?],
         };
         let machine_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let executor = crate::exec::Executor::new(containerd.clone(), config.run_dir.join("exec"));
         let runtime = Self {
             config: config.clone(),
             client,
@@ -198,15 +200,16 @@ impl NodeRuntime {
             owners: Arc::default(),
             allocatable: BTreeMap::from([("cpu".to_string(), machine_cpus.to_string())]),
             events,
+            executor,
         };
         runtime.follow_exits(exits);
         tracing::debug!(node = node_name, "container runtime ready");
         Ok(runtime)
     }
 
-    /// The containerd connection, for the node API's exec sessions.
-    pub fn containerd(&self) -> &Client {
-        &self.containerd
+    /// Runs exec processes in containers: exec probes here, `kubectl exec` in the node API.
+    pub fn executor(&self) -> &crate::exec::Executor {
+        &self.executor
     }
 
     /// "containerd://<version>" for the Node's nodeInfo.
@@ -1123,83 +1126,20 @@ impl PodRuntime for NodeRuntime {
         command: &[String],
         timeout: Duration,
     ) -> Result<i32, RuntimeError> {
-        let request = GetContainerRequest {
-            id: record.id.clone(),
-        };
-        let container = self
-            .containerd
-            .containers()
-            .get(request)
+        let (code, output) = self
+            .executor
+            .run(&record.id, command, timeout)
             .await
-            .map_err(|status| runtime_error(containerd::call_error("Containers.Get")(status)))?
-            .into_inner()
-            .container
-            .context("containerd returned no container")?;
-        let spec: oci_spec::runtime::Spec =
-            serde_json::from_slice(&container.spec.context("container has no spec")?.value)
-                .context("decode the container's runtime spec")?;
-        let mut process = spec
-            .process()
-            .clone()
-            .context("container spec has no process")?;
-        process.set_args(Some(command.to_vec()));
-        process.set_terminal(Some(false));
-        let exec_id = format!("probe-{}", uuid::Uuid::new_v4().simple());
-        let request = ExecProcessRequest {
-            container_id: record.id.clone(),
-            exec_id: exec_id.clone(),
-            spec: Some(prost_types::Any {
-                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".to_string(),
-                value: serde_json::to_vec(&process).context("encode the exec process")?,
-            }),
-            ..Default::default()
-        };
-        self.containerd
-            .tasks()
-            .exec(request)
-            .await
-            .map_err(|status| runtime_error(containerd::call_error("Tasks.Exec")(status)))?;
-        let cleanup = DeleteProcessRequest {
-            container_id: record.id.clone(),
-            exec_id: exec_id.clone(),
-        };
-        let result = async {
-            self.containerd
-                .tasks()
-                .start(StartRequest {
-                    container_id: record.id.clone(),
-                    exec_id: exec_id.clone(),
-                })
-                .await
-                .map_err(|status| runtime_error(containerd::call_error("Tasks.Start")(status)))?;
-            let mut tasks = self.containerd.tasks();
-            let wait = tasks.wait(WaitRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-            });
-            match tokio::time::timeout(timeout, wait).await {
-                Ok(Ok(response)) => Ok(response.into_inner().exit_status as i32),
-                Ok(Err(status)) => Err(runtime_error(containerd::call_error("Tasks.Wait")(status))),
-                Err(_) => {
-                    let _ = self
-                        .containerd
-                        .tasks()
-                        .kill(KillRequest {
-                            container_id: record.id.clone(),
-                            exec_id: exec_id.clone(),
-                            signal: nix::sys::signal::Signal::SIGKILL as u32,
-                            all: false,
-                        })
-                        .await;
-                    Err(runtime_error(anyhow::anyhow!(
-                        "command timed out after {timeout:?}"
-                    )))
-                }
-            }
+            .map_err(runtime_error)?;
+        if code != 0 {
+            tracing::debug!(
+                container = record.name,
+                code,
+                output = %String::from_utf8_lossy(&output),
+                "exec probe command failed"
+            );
         }
-        .await;
-        let _ = self.containerd.tasks().delete_process(cleanup).await;
-        result
+        Ok(code as i32)
     }
 
     async fn release(&self, pod_uid: &str, pod: Option<&Pod>) -> Result<(), RuntimeError> {
