@@ -68,10 +68,7 @@ pub trait NodeState: Send + Sync {
         container: &str,
     ) -> Result<String, LogLookupError> {
         let _ = namespace;
-        Err(LogLookupError::ContainerNotFound {
-            pod: pod.to_string(),
-            container: container.to_string(),
-        })
+        Err(LogLookupError::container_not_found(container, pod))
     }
 }
 
@@ -108,6 +105,14 @@ impl LogLookupError {
         Self::Unavailable(format!(
             "container \"{container}\" in pod \"{pod}\" is waiting to start: {reason}"
         ))
+    }
+
+    /// A container the pod does not have (or, for exec, that does not run).
+    pub fn container_not_found(container: &str, pod: &str) -> Self {
+        Self::ContainerNotFound {
+            pod: pod.to_string(),
+            container: container.to_string(),
+        }
     }
 
     /// `previous` asked of a container that never restarted.
@@ -1008,10 +1013,7 @@ mod tests {
                 ("app", false) => Ok(ContainerLogSource::finished(self.log.clone())),
                 ("app", true) => Err(LogLookupError::previous_not_found(container, pod)),
                 ("init", _) => Err(LogLookupError::waiting(container, pod, "PodInitializing")),
-                _ => Err(LogLookupError::ContainerNotFound {
-                    pod: pod.into(),
-                    container: container.into(),
-                }),
+                _ => Err(LogLookupError::container_not_found(container, pod)),
             }
         }
 
@@ -1026,10 +1028,7 @@ mod tests {
             }
             match container {
                 "app" => Ok("0123abcd".into()),
-                _ => Err(LogLookupError::ContainerNotFound {
-                    pod: pod.into(),
-                    container: container.into(),
-                }),
+                _ => Err(LogLookupError::container_not_found(container, pod)),
             }
         }
     }

@@ -1,8 +1,10 @@
 //! A one-node cluster for pod tests: a control plane, a private containerd and a real
 //! agent, with a busybox image imported as [`IMAGE`]. Pods are applied by name and spec
 //! and waited for; a wait that fails prints the pod's status and the agent's log. Test
-//! files wrap it (`struct Cluster(PodCluster)` with `Deref`) to add their own checks.
+//! files wrap it ([`pod_cluster_wrapper!`](crate::pod_cluster_wrapper)) to add their own
+//! checks.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,6 +16,47 @@ use crate::oci_image::ImageBuilder;
 
 /// The image every pod of a [`PodCluster`] can run.
 pub const IMAGE: &str = "skiff.test/busybox:1";
+
+/// Declares `struct $name(PodCluster)` with `Deref` and `DerefMut` to it: a test file's own
+/// checks are methods of a type of its own, since a file may not add them to [`PodCluster`].
+#[macro_export]
+macro_rules! pod_cluster_wrapper {
+    ($(#[$attribute:meta])* $name:ident) => {
+        $(#[$attribute])*
+        struct $name($crate::pod_cluster::PodCluster);
+
+        impl ::std::ops::Deref for $name {
+            type Target = $crate::pod_cluster::PodCluster;
+
+            fn deref(&self) -> &$crate::pod_cluster::PodCluster {
+                &self.0
+            }
+        }
+
+        impl ::std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut $crate::pod_cluster::PodCluster {
+                &mut self.0
+            }
+        }
+    };
+}
+
+/// The pod's `status.phase`, or "" before it has one.
+pub fn phase(pod: &Value) -> &str {
+    pod["status"]["phase"].as_str().unwrap_or("")
+}
+
+/// The status of the pod's condition `kind` ("True", "False", ...), or "" if it has none.
+pub fn condition(pod: &Value, kind: &str) -> String {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
 
 pub struct PodCluster {
     // Dropped in this order: the agent and its pods, then containerd, then the API.
@@ -101,6 +144,54 @@ impl PodCluster {
                 self.node.log()
             );
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The CRI log file of container `container` of the pod in its run `attempt`.
+    pub fn log_file(&self, pod: &Value, container: &str, attempt: u32) -> PathBuf {
+        let meta = &pod["metadata"];
+        self.node
+            .log_dir
+            .join(format!(
+                "{}_{}_{}",
+                meta["namespace"].as_str().unwrap(),
+                meta["name"].as_str().unwrap(),
+                meta["uid"].as_str().unwrap()
+            ))
+            .join(container)
+            .join(format!("{attempt}.log"))
+    }
+
+    /// The lines container `container` of the pod printed in its run `attempt`, once `found`
+    /// holds for one of them; after 20 s the test fails with `what` it looked for, the
+    /// lines and the agent's log.
+    pub fn wait_for_output(
+        &self,
+        pod: &Value,
+        container: &str,
+        attempt: u32,
+        what: &str,
+        found: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let path = self.log_file(pod, container, attempt);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // CRI log lines: `<time> <stream> <tag> <text>`.
+            let lines: Vec<String> = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| line.splitn(4, ' ').nth(3).map(str::to_owned))
+                .collect();
+            if lines.iter().any(|line| found(line)) {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in {} within 20 s: {lines:?}\nagent log:\n{}",
+                path.display(),
+                self.node.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

@@ -6,22 +6,16 @@
 
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-/// The shared one-node cluster, with this file's exec helpers.
-struct Cluster(PodCluster);
-
-impl std::ops::Deref for Cluster {
-    type Target = PodCluster;
-
-    fn deref(&self) -> &PodCluster {
-        &self.0
-    }
-}
+integration::pod_cluster_wrapper!(
+    /// The shared one-node cluster, with this file's exec helpers.
+    Cluster
+);
 
 /// A pod of two long-running containers that tell themselves apart by `$WHO`.
 fn cluster_with_pod() -> Cluster {
@@ -114,6 +108,34 @@ impl Cluster {
     /// What the agent's exec directory holds (FIFO directories of live sessions).
     fn exec_dirs(&self) -> Vec<String> {
         list(&self.node.run_dir.join("exec"))
+    }
+
+    /// Starts `kubectl exec box -c main -- sleep 1000` (with `-i` and a stdin if
+    /// `interactive`), its output discarded; returns it and the ID of container `main` once
+    /// the exec process runs there beside the container's own.
+    fn start_sleeping_exec(&self, interactive: bool) -> (Child, String) {
+        let mut command = self.plane.kubectl_command();
+        command.arg("exec");
+        if interactive {
+            command.arg("-i").stdin(Stdio::piped());
+        }
+        let kubectl = command
+            .args(["box", "-c", "main", "--", "sleep", "1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run kubectl exec");
+        let id = self.container_id(0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.task_processes(&id) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the exec process never started\nagent log:\n{}",
+                self.node.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (kubectl, id)
     }
 
     /// Waits until no exec process is left in either container and no FIFO directory.
@@ -324,25 +346,7 @@ fn exec_refusals_are_kubectls_errors() {
 #[test]
 fn a_client_that_goes_away_takes_its_process_with_it() {
     let cluster = cluster_with_pod();
-    let mut kubectl = cluster
-        .plane
-        .kubectl_command()
-        .args(["exec", "-i", "box", "-c", "main", "--", "sleep", "1000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run kubectl exec");
-    let id = cluster.container_id(0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.task_processes(&id) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the exec process never started\nagent log:\n{}",
-            cluster.node.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut kubectl, _) = cluster.start_sleeping_exec(true);
     assert_eq!(cluster.exec_dirs().len(), 1, "one session, one FIFO dir");
     kubectl.kill().expect("kill kubectl");
     let _ = kubectl.wait();
@@ -352,24 +356,7 @@ fn a_client_that_goes_away_takes_its_process_with_it() {
 #[test]
 fn an_exec_the_agent_lost_in_a_crash_is_ended_when_it_comes_back() {
     let mut cluster = cluster_with_pod();
-    let mut kubectl = cluster
-        .plane
-        .kubectl_command()
-        .args(["exec", "box", "-c", "main", "--", "sleep", "1000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run kubectl exec");
-    let id = cluster.container_id(0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.task_processes(&id) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the exec process never started\nagent log:\n{}",
-            cluster.node.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut kubectl, id) = cluster.start_sleeping_exec(false);
     // kill -9 of the agent: the session dies with it, the process and FIFOs stay.
     cluster.0.node.kill();
     let _ = kubectl.kill();

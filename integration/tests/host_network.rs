@@ -6,67 +6,25 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-/// The shared one-node cluster, with this file's own checks.
-struct Cluster(PodCluster);
-
-impl std::ops::Deref for Cluster {
-    type Target = PodCluster;
-
-    fn deref(&self) -> &PodCluster {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut PodCluster {
-        &mut self.0
-    }
-}
+integration::pod_cluster_wrapper!(
+    /// The shared one-node cluster, with this file's own checks.
+    Cluster
+);
 
 fn cluster() -> Cluster {
     Cluster(PodCluster::start(&[]))
 }
 
 impl Cluster {
-    /// The lines the pod's container `app` printed in its first run, once `last` is among
-    /// them.
+    /// The lines the pod's container `app` printed in its first run, once one starting
+    /// with `last` is among them.
     fn output(&self, pod: &Value, last: &str) -> Vec<String> {
-        let meta = &pod["metadata"];
-        let path = self
-            .node
-            .log_dir
-            .join(format!(
-                "{}_{}_{}",
-                meta["namespace"].as_str().unwrap(),
-                meta["name"].as_str().unwrap(),
-                meta["uid"].as_str().unwrap()
-            ))
-            .join("app")
-            .join("0.log");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            // CRI log lines: `<time> <stream> <tag> <text>`.
-            let lines: Vec<String> = std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|line| line.splitn(4, ' ').nth(3).map(str::to_owned))
-                .collect();
-            if lines.iter().any(|line| line.starts_with(last)) {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {last:?} in {} within 20 s: {lines:?}\nagent log:\n{}",
-                path.display(),
-                self.node.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_for_output(pod, "app", 0, last, |line| line.starts_with(last))
     }
 
     /// The pod's cgroup directory, if it has one.

@@ -13,16 +13,10 @@ use integration::ControlPlane;
 use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-/// The shared one-node cluster, with this file's log helpers.
-struct Cluster(PodCluster);
-
-impl std::ops::Deref for Cluster {
-    type Target = PodCluster;
-
-    fn deref(&self) -> &PodCluster {
-        &self.0
-    }
-}
+integration::pod_cluster_wrapper!(
+    /// The shared one-node cluster, with this file's log helpers.
+    Cluster
+);
 
 fn cluster() -> Cluster {
     // The harness gives the agent the control plane's CA (`--client-ca-file`): the API

@@ -8,22 +8,10 @@ use std::time::{Duration, Instant};
 use integration::pod_cluster::{IMAGE, PodCluster};
 use serde_json::Value;
 
-/// The shared one-node cluster, with this file's own checks.
-struct Cluster(PodCluster);
-
-impl std::ops::Deref for Cluster {
-    type Target = PodCluster;
-
-    fn deref(&self) -> &PodCluster {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut PodCluster {
-        &mut self.0
-    }
-}
+integration::pod_cluster_wrapper!(
+    /// The shared one-node cluster, with this file's own checks.
+    Cluster
+);
 
 fn cluster() -> Cluster {
     Cluster(PodCluster::start(&[]))

@@ -5,25 +5,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration::oci_image::ImageBuilder;
-use integration::pod_cluster::{IMAGE, PodCluster};
+use integration::pod_cluster::{IMAGE, PodCluster, condition, phase};
 use serde_json::Value;
 
-/// The shared one-node cluster, with this file's own checks.
-struct Cluster(PodCluster);
-
-impl std::ops::Deref for Cluster {
-    type Target = PodCluster;
-
-    fn deref(&self) -> &PodCluster {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut PodCluster {
-        &mut self.0
-    }
-}
+integration::pod_cluster_wrapper!(
+    /// The shared one-node cluster, with this file's own checks.
+    Cluster
+);
 
 fn cluster() -> Cluster {
     cluster_with(&[])
@@ -94,35 +82,6 @@ impl Cluster {
             "IP reservations leaked: {reservations:?}"
         );
     }
-
-    fn log_file(&self, pod: &Value, container: &str, attempt: u32) -> PathBuf {
-        let meta = &pod["metadata"];
-        self.node
-            .log_dir
-            .join(format!(
-                "{}_{}_{}",
-                meta["namespace"].as_str().unwrap(),
-                meta["name"].as_str().unwrap(),
-                meta["uid"].as_str().unwrap()
-            ))
-            .join(container)
-            .join(format!("{attempt}.log"))
-    }
-}
-
-fn phase(pod: &Value) -> &str {
-    pod["status"]["phase"].as_str().unwrap_or("")
-}
-
-fn condition(pod: &Value, kind: &str) -> String {
-    pod["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == kind)
-        .and_then(|c| c["status"].as_str())
-        .unwrap_or("")
-        .to_string()
 }
 
 #[test]

@@ -4,68 +4,11 @@
 //! volumes with them, restarts whatever the pod's restartPolicy, does not keep a finished
 //! pod from completing, and is stopped after the app containers when the pod is deleted.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration::pod_cluster::{IMAGE, PodCluster};
+use integration::pod_cluster::{IMAGE, PodCluster, condition, phase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value;
-
-fn phase(pod: &Value) -> &str {
-    pod["status"]["phase"].as_str().unwrap_or("")
-}
-
-fn condition(pod: &Value, kind: &str) -> String {
-    pod["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == kind)
-        .and_then(|c| c["status"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The lines container `container` printed in its run `attempt`, once `expected` is among
-/// them (CRI log lines: `<time> <stream> <tag> <text>`).
-fn wait_for_output(
-    cluster: &PodCluster,
-    pod: &Value,
-    container: &str,
-    attempt: u32,
-    expected: &str,
-) -> Vec<String> {
-    let meta = &pod["metadata"];
-    let path: PathBuf = cluster
-        .node
-        .log_dir
-        .join(format!(
-            "{}_{}_{}",
-            meta["namespace"].as_str().unwrap(),
-            meta["name"].as_str().unwrap(),
-            meta["uid"].as_str().unwrap()
-        ))
-        .join(container)
-        .join(format!("{attempt}.log"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let lines: Vec<String> = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| line.splitn(4, ' ').nth(3).map(str::to_owned))
-            .collect();
-        if lines.iter().any(|line| line == expected) {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {expected:?} in {} within 20 s: {lines:?}\nagent log:\n{}",
-            path.display(),
-            cluster.node.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_sidecar_starts_first_feeds_the_app_through_an_empty_dir_and_stops_last() {
@@ -109,7 +52,9 @@ fn a_sidecar_starts_first_feeds_the_app_through_an_empty_dir_and_stops_last() {
     let pod = cluster.wait_for_pod("fed", "Running and Ready", |pod| {
         phase(pod) == "Running" && condition(pod, "Ready") == "True"
     });
-    let lines = wait_for_output(&cluster, &pod, "app", 0, "hello from the sidecar");
+    let lines = cluster.wait_for_output(&pod, "app", 0, "hello from the sidecar", |line| {
+        line == "hello from the sidecar"
+    });
     assert!(!lines.contains(&"no message".to_string()), "{lines:?}");
     let sidecar = &pod["status"]["initContainerStatuses"][0];
     assert_eq!(sidecar["name"], "feeder");
@@ -219,5 +164,5 @@ fn a_never_pod_succeeds_when_its_app_exits_while_its_restarted_sidecar_runs() {
     );
     assert_eq!(sidecar["lastState"]["terminated"]["exitCode"], 3);
     assert_eq!(condition(&pod, "Ready"), "False");
-    wait_for_output(&cluster, &pod, "main", 0, "second run");
+    cluster.wait_for_output(&pod, "main", 0, "second run", |line| line == "second run");
 }

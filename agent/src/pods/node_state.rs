@@ -279,10 +279,7 @@ impl NodeState for AgentNodeState {
                     pod: pod_name.to_string(),
                 })?;
         if !has_container(&pod, container) {
-            return Err(LogLookupError::ContainerNotFound {
-                pod: pod_name.to_string(),
-                container: container.to_string(),
-            });
+            return Err(LogLookupError::container_not_found(container, pod_name));
         }
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         // One lock over the choice of run and the flag's creation, so a status report
@@ -344,10 +341,7 @@ impl NodeState for AgentNodeState {
                 .ok_or_else(|| LogLookupError::PodNotFound {
                     pod: pod_name.to_string(),
                 })?;
-        let not_found = || LogLookupError::ContainerNotFound {
-            pod: pod_name.to_string(),
-            container: container.to_string(),
-        };
+        let not_found = || LogLookupError::container_not_found(container, pod_name);
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let statuses = match self.inner().reported.get(&uid) {
             Some(reported) => reported.clone(),

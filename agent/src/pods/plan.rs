@@ -379,13 +379,8 @@ mod tests {
     #[test]
     fn a_failed_init_container_fails_the_pod_under_never() {
         let pod = pod("Never", &["a"], &["app"]);
-        let plan = plan(
-            &pod,
-            &[exited("a", Kind::Init, 0, 1)],
-            &Backoffs::default(),
-            &Verdicts::default(),
-            now(),
-        );
+        let plan =
+            plan_with_no_backoffs(&pod, &[exited("a", Kind::Init, 0, 1)], &Verdicts::default());
         assert!(plan.terminal && plan.actions.is_empty());
     }
 
@@ -398,15 +393,13 @@ mod tests {
         assert!(should_restart("Always", Kind::Init, 1));
         assert!(!should_restart("Always", Kind::Init, 0));
         let pod = pod("OnFailure", &[], &["ok", "bad"]);
-        let plan = plan(
+        let plan = plan_with_no_backoffs(
             &pod,
             &[
                 exited("ok", Kind::App, 0, 0),
                 exited("bad", Kind::App, 2, 1),
             ],
-            &Backoffs::default(),
             &Verdicts::default(),
-            now(),
         );
         assert_eq!(
             plan.actions,
@@ -459,7 +452,7 @@ mod tests {
             ..Default::default()
         };
         let records = [running("app", Kind::App, 0)];
-        let result = plan(&pod, &records, &Backoffs::default(), &unhealthy, now());
+        let result = plan_with_no_backoffs(&pod, &records, &unhealthy);
         assert_eq!(
             result.actions,
             [Action::Kill {
@@ -472,12 +465,17 @@ mod tests {
             started: BTreeSet::from(["app".to_string()]),
             ..unhealthy
         };
-        let result = plan(&pod, &records, &Backoffs::default(), &started, now());
+        let result = plan_with_no_backoffs(&pod, &records, &started);
         assert!(
             matches!(&result.actions[..], [Action::Kill { reason, .. }]
                 if reason == "Container app failed liveness probe, will be restarted"),
             "{result:?}"
         );
+    }
+
+    /// The plan at [`now`] with no container backing off.
+    fn plan_with_no_backoffs(pod: &Pod, records: &[ContainerRecord], probes: &Verdicts) -> Plan {
+        plan(pod, records, &Backoffs::default(), probes, now())
     }
 
     fn start(kind: Kind, name: &str, attempt: u32) -> Action {
@@ -576,13 +574,7 @@ mod tests {
             exited("setup", Kind::Init, 0, 0),
             running("app", Kind::App, 0),
         ];
-        let result = plan(
-            &pod,
-            &records,
-            &Backoffs::default(),
-            &started(&["app"]),
-            now(),
-        );
+        let result = plan_with_no_backoffs(&pod, &records, &started(&["app"]));
         // The regular init container is not run again; the app container keeps running.
         assert_eq!(result.actions, [start(Kind::Init, "proxy", 1)]);
         // An unhealthy sidecar is killed to restart, as an app container is.
@@ -595,7 +587,7 @@ mod tests {
             exited("setup", Kind::Init, 0, 0),
             running("app", Kind::App, 0),
         ];
-        let result = plan(&pod, &records, &Backoffs::default(), &unhealthy, now());
+        let result = plan_with_no_backoffs(&pod, &records, &unhealthy);
         assert!(
             matches!(&result.actions[..], [Action::Kill { id, .. }] if id == "proxy-1"),
             "{result:?}"
@@ -616,7 +608,7 @@ mod tests {
                 running("proxy", Kind::Init, 0),
                 app_done.clone(),
             ];
-            let result = plan(&pod, &records, &Backoffs::default(), &both, now());
+            let result = plan_with_no_backoffs(&pod, &records, &both);
             assert!(result.terminal, "{policy}");
             assert_eq!(
                 result.actions,
@@ -633,7 +625,7 @@ mod tests {
                 exited("proxy", Kind::Init, 0, 143),
                 app_done.clone(),
             ];
-            let result = plan(&pod, &records, &Backoffs::default(), &both, now());
+            let result = plan_with_no_backoffs(&pod, &records, &both);
             assert!(
                 matches!(&result.actions[..], [Action::Kill { id, .. }] if id == "logs-0"),
                 "{policy}: {result:?}"
@@ -643,7 +635,7 @@ mod tests {
                 exited("proxy", Kind::Init, 0, 143),
                 app_done,
             ];
-            let result = plan(&pod, &records, &Backoffs::default(), &both, now());
+            let result = plan_with_no_backoffs(&pod, &records, &both);
             assert!(result.terminal && result.actions.is_empty(), "{policy}");
         }
         // Under Always the app container restarts and the sidecar keeps running.
@@ -652,13 +644,7 @@ mod tests {
             running("proxy", Kind::Init, 0),
             exited("app", Kind::App, 0, 0),
         ];
-        let result = plan(
-            &pod,
-            &records,
-            &Backoffs::default(),
-            &started(&["proxy"]),
-            now(),
-        );
+        let result = plan_with_no_backoffs(&pod, &records, &started(&["proxy"]));
         assert_eq!(result.actions, [start(Kind::App, "app", 1)]);
         assert!(!result.terminal);
     }
@@ -670,13 +656,7 @@ mod tests {
             running("proxy", Kind::Init, 0),
             exited("setup", Kind::Init, 0, 1),
         ];
-        let result = plan(
-            &pod,
-            &records,
-            &Backoffs::default(),
-            &started(&["proxy"]),
-            now(),
-        );
+        let result = plan_with_no_backoffs(&pod, &records, &started(&["proxy"]));
         assert!(result.terminal);
         assert!(
             matches!(&result.actions[..], [Action::Kill { id, .. }] if id == "proxy-0"),

@@ -487,27 +487,18 @@ mod tests {
             ..Default::default()
         };
         let records = [record("app", Kind::App, 0, running())];
-        let find = |status: &Value, kind: &str| {
-            status["conditions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == kind)
-                .unwrap()
-                .clone()
-        };
         let status = pod_status(&pod, &records, &observed, Timestamp::UNIX_EPOCH);
-        assert_eq!(find(&status, "Ready")["status"], "False");
+        assert_eq!(condition(&status, "Ready")["status"], "False");
         assert_eq!(
-            find(&status, "Ready")["message"],
+            condition(&status, "Ready")["message"],
             "containers with unready status: [app]"
         );
         observed.ready.insert("app".into());
         observed.started.insert("app".into());
         let status = pod_status(&pod, &records, &observed, Timestamp::UNIX_EPOCH);
-        assert_eq!(find(&status, "Ready")["status"], "True");
-        assert_eq!(find(&status, "ContainersReady")["status"], "True");
-        assert_eq!(find(&status, "Initialized")["status"], "True");
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        assert_eq!(condition(&status, "ContainersReady")["status"], "True");
+        assert_eq!(condition(&status, "Initialized")["status"], "True");
         assert_eq!(status["podIP"], "10.1.0.5");
         assert_eq!(
             status["containerStatuses"][0]["containerID"],

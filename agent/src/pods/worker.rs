@@ -982,16 +982,7 @@ mod tests {
 
         // Deletion: whatever runs is stopped with the pod's grace, everything removed and
         // released, then the object deleted for good.
-        let mut deleting = (*pod).clone();
-        deleting.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
-        );
-        deleting.metadata.deletion_grace_period_seconds = Some(7);
-        pods.send_replace(Some(Arc::new(deleting)));
-        tokio::time::timeout(Duration::from_secs(5), worker)
-            .await
-            .unwrap()
-            .unwrap();
+        delete_and_join(&pod, &pods, worker).await;
         assert!(*api.deleted.lock().unwrap());
         let calls = runtime.calls.lock().unwrap().clone();
         assert_eq!(calls[..3], ["sandbox", "start app 0", "start app 1"]);
@@ -1007,6 +998,25 @@ mod tests {
         pods: watch::Sender<Option<Arc<Pod>>>,
         wake: Arc<Notify>,
         worker: tokio::task::JoinHandle<()>,
+    }
+
+    /// Sends the worker its pod marked deleted with a grace of 7 s, and waits for the
+    /// worker to finish.
+    async fn delete_and_join(
+        pod: &Pod,
+        pods: &watch::Sender<Option<Arc<Pod>>>,
+        worker: tokio::task::JoinHandle<()>,
+    ) {
+        let mut deleting = pod.clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        deleting.metadata.deletion_grace_period_seconds = Some(7);
+        pods.send_replace(Some(Arc::new(deleting)));
+        tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     fn spawn_worker(pod: &Arc<Pod>) -> Harness {
@@ -1106,16 +1116,7 @@ mod tests {
         wake.notify_one();
         until(&api, "phase Running", |s| s["phase"] == "Running").await;
 
-        let mut deleting = (*pod).clone();
-        deleting.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
-        );
-        deleting.metadata.deletion_grace_period_seconds = Some(7);
-        pods.send_replace(Some(Arc::new(deleting)));
-        tokio::time::timeout(Duration::from_secs(5), worker)
-            .await
-            .unwrap()
-            .unwrap();
+        delete_and_join(&pod, &pods, worker).await;
         let calls = runtime.calls.lock().unwrap().clone();
         let starts: Vec<&str> = calls
             .iter()

@@ -393,6 +393,22 @@ fn plain_error(message: String) -> ApiError {
     }
 }
 
+/// The 405 of a method a pod subresource does not take, in kube-apiserver's words.
+fn method_not_allowed(method: &Method) -> ApiError {
+    ApiError::method_not_allowed(format!(
+        "the server does not allow this method on the requested resource ({method})"
+    ))
+}
+
+/// The body of a node's refusal, of which at most [`MAX_ERROR_BODY`] is read.
+async fn read_refusal(body: kube::client::Body, url: &str) -> Result<Bytes, ApiError> {
+    http_body_util::Limited::new(body, MAX_ERROR_BODY)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|error| ApiError::internal(format!("read the answer of {url}: {error}")))
+}
+
 /// `https://<address>:<port>` of a Node's API: its InternalIP (else ExternalIP, else a
 /// name) and the port it reports. kube-apiserver prefers the Hostname address by default;
 /// skiff prefers addresses, since node names need not resolve.
@@ -613,6 +629,31 @@ impl ApiServer {
             .map_err(|error| ApiError::internal(format!("decode stored object {key}: {error}")))
     }
 
+    /// The container of pod `name` that a log or stream is for, as [`choose_container`]
+    /// chooses it, and the node the pod is bound to, if it is bound yet.
+    async fn pod_container_and_node(
+        &self,
+        info: &ResourceInfo,
+        namespace: &str,
+        name: &str,
+        requested: Option<&str>,
+    ) -> Result<(String, Option<String>), ApiError> {
+        let pod = self.stored_object(info, Some(namespace), name).await?;
+        let container = choose_container(&pod, name, requested)?;
+        let node_name = pod["spec"]["nodeName"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
+        Ok((container, node_name))
+    }
+
+    /// The API endpoint of node `node_name`, from its stored Node.
+    async fn stored_node_endpoint(&self, node_name: &str) -> Result<String, ApiError> {
+        let nodes = registry::lookup("", "v1", "nodes").expect("nodes are a served resource");
+        let node = self.stored_object(nodes, None, node_name).await?;
+        node_endpoint(&node)
+    }
+
     /// `GET pods/{name}/log`: the container's log from its node's API.
     pub(crate) async fn pod_log(
         &self,
@@ -620,26 +661,22 @@ impl ApiServer {
         context: Context,
     ) -> Result<Response<Body>, ApiError> {
         if context.method != Method::GET {
-            return Err(ApiError::method_not_allowed(format!(
-                "the server does not allow this method on the requested resource ({})",
-                context.method
-            )));
+            return Err(method_not_allowed(&context.method));
         }
         let info = request.info;
         let namespace = request.namespace.as_deref().unwrap_or("default");
         let name = request.name.as_deref().unwrap_or_default();
         let options = LogOptions::parse(&context.query, name)?;
-        let pod = self.stored_object(info, Some(namespace), name).await?;
-        let container = choose_container(&pod, name, options.container.as_deref())?;
-        let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        let (container, node_name) = self
+            .pod_container_and_node(info, namespace, name, options.container.as_deref())
+            .await?;
+        let Some(node_name) = node_name else {
             // A pod on no node yet has an empty log, as kube-apiserver answers.
             return Ok(text_response(
                 Empty::new().map_err(|never| match never {}).boxed(),
             ));
         };
-        let nodes = registry::lookup("", "v1", "nodes").expect("nodes are a served resource");
-        let node = self.stored_object(nodes, None, node_name).await?;
-        let endpoint = node_endpoint(&node)?;
+        let endpoint = self.stored_node_endpoint(&node_name).await?;
 
         let query = options.node_query();
         let mut path = format!("/containerLogs/{namespace}/{name}/{container}");
@@ -657,13 +694,7 @@ impl ApiServer {
             .map_err(|error| plain_error(format!("Get \"{url}\": {error}")))?;
         let status = response.status();
         if !(200..=206).contains(&status.as_u16()) {
-            let body = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY)
-                .collect()
-                .await
-                .map(|collected| collected.to_bytes())
-                .map_err(|error| {
-                    ApiError::internal(format!("read the answer of {url}: {error}"))
-                })?;
+            let body = read_refusal(response.into_body(), &url).await?;
             return Err(node_error(
                 status,
                 name,
@@ -683,18 +714,16 @@ impl ApiServer {
         mut context: Context,
     ) -> Result<Response<Body>, ApiError> {
         if context.method != Method::GET && context.method != Method::POST {
-            return Err(ApiError::method_not_allowed(format!(
-                "the server does not allow this method on the requested resource ({})",
-                context.method
-            )));
+            return Err(method_not_allowed(&context.method));
         }
         let info = request.info;
         let namespace = request.namespace.as_deref().unwrap_or("default");
         let name = request.name.as_deref().unwrap_or_default();
         let options = ExecOptions::parse(&context.raw_query, stream)?;
-        let pod = self.stored_object(info, Some(namespace), name).await?;
-        let container = choose_container(&pod, name, options.container.as_deref())?;
-        let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        let (container, node_name) = self
+            .pod_container_and_node(info, namespace, name, options.container.as_deref())
+            .await?;
+        let Some(node_name) = node_name else {
             return Err(ApiError::bad_request(format!(
                 "pod {name} does not have a host assigned"
             )));
@@ -705,9 +734,7 @@ impl ApiServer {
                 stream.node_path()
             )));
         };
-        let nodes = registry::lookup("", "v1", "nodes").expect("nodes are a served resource");
-        let node = self.stored_object(nodes, None, node_name).await?;
-        let endpoint = node_endpoint(&node)?;
+        let endpoint = self.stored_node_endpoint(&node_name).await?;
 
         let path = format!(
             "/{}/{namespace}/{name}/{container}?{}",
@@ -739,13 +766,7 @@ impl ApiServer {
                 .get(CONTENT_TYPE)
                 .cloned()
                 .unwrap_or_else(|| HeaderValue::from_static("text/plain; charset=utf-8"));
-            let body = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY)
-                .collect()
-                .await
-                .map(|collected| collected.to_bytes())
-                .map_err(|error| {
-                    ApiError::internal(format!("read the answer of {url}: {error}"))
-                })?;
+            let body = read_refusal(response.into_body(), &url).await?;
             let mut refused = bytes_response(status, "text/plain; charset=utf-8", body);
             refused.headers_mut().insert(CONTENT_TYPE, content_type);
             return Ok(refused);

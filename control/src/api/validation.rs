@@ -570,6 +570,13 @@ const PORT_RANGE_MESSAGE: &str = "must be between 1 and 65535, inclusive";
 const NEGATIVE_MESSAGE: &str = "must be greater than or equal to 0";
 const FIELD_IMMUTABLE_MESSAGE: &str = "field is immutable";
 
+/// Checks that an optional integer field is not negative.
+fn validate_non_negative(value: &Value, field: &str, causes: &mut Vec<FieldCause>) {
+    if let Some(number) = value.as_i64().filter(|number| *number < 0) {
+        causes.push(invalid(field, &number.to_string(), NEGATIVE_MESSAGE));
+    }
+}
+
 fn is_valid_port_number(port: i64) -> bool {
     (1..=65535).contains(&port)
 }
@@ -1727,14 +1734,8 @@ fn validate_workload(
 ) {
     let spec = &object["spec"];
     let daemon_set = kind == "DaemonSet";
-    if !daemon_set
-        && let Some(replicas) = spec["replicas"].as_i64().filter(|replicas| *replicas < 0)
-    {
-        causes.push(invalid(
-            "spec.replicas",
-            &replicas.to_string(),
-            NEGATIVE_MESSAGE,
-        ));
+    if !daemon_set {
+        validate_non_negative(&spec["replicas"], "spec.replicas", causes);
     }
     let selector = &spec["selector"];
     if selector.is_null() {
@@ -1826,13 +1827,6 @@ const JOB_POD_REPLACEMENT_POLICIES: [&str; 2] = ["TerminatingOrFailed", "Failed"
 /// The most completions an Indexed Job may have (upstream's `maxParallelismForIndexedJob`
 /// is the same number).
 const MAX_INDEXED_COMPLETIONS: i64 = 100_000;
-
-/// Checks that an optional integer field is not negative.
-fn validate_non_negative(value: &Value, field: &str, causes: &mut Vec<FieldCause>) {
-    if let Some(number) = value.as_i64().filter(|number| *number < 0) {
-        causes.push(invalid(field, &number.to_string(), NEGATIVE_MESSAGE));
-    }
-}
 
 /// `ValidateJob` and, on update, `ValidateJobSpecUpdate` of `pkg/apis/batch/validation`.
 fn validate_job(job: &Value, old: Option<&Value>, causes: &mut Vec<FieldCause>) {
@@ -2140,16 +2134,7 @@ fn validate_lease(lease: &Value, causes: &mut Vec<FieldCause>) {
             "must be greater than 0",
         ));
     }
-    if let Some(transitions) = spec["leaseTransitions"]
-        .as_i64()
-        .filter(|transitions| *transitions < 0)
-    {
-        causes.push(invalid(
-            "spec.leaseTransitions",
-            &transitions.to_string(),
-            NEGATIVE_MESSAGE,
-        ));
-    }
+    validate_non_negative(&spec["leaseTransitions"], "spec.leaseTransitions", causes);
 }
 
 fn validate_endpoint_slice(slice: &Value, old: Option<&Value>, causes: &mut Vec<FieldCause>) {
