@@ -444,7 +444,7 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 /// ([`Cache::with_transform`]): metadata without `managedFields` and the last-applied
 /// copy, the status, and of the spec only `nodeName`, `tolerations`, `restartPolicy`,
 /// `hostname`, `subdomain` and the containers' ports. Images, commands, environment,
-/// resources, probes, mounts and volumes were three quarters of a cached pod and no
+/// resources, probes, mounts and volumes were two thirds of a cached pod and no
 /// controller reads them; a controller that comes to read another spec field adds it here.
 ///
 /// The ports of all containers are kept in order in one container named after the first
