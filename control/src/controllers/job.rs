@@ -18,9 +18,9 @@
 //! (and the counters never go down), so a finished pod deleted by hand before the Job saw
 //! it finish is not counted, and pods the controller deletes are not counted as failed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use jiff::{SignedDuration, Timestamp};
@@ -30,6 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PostParams, Preconditions, PropagationPolicy};
 use kube::{Client, ResourceExt as _};
 
+use super::expectations::PodExpectations;
 use super::runtime::{
     Cache, Queue, controller_of, controller_reference, feed, is_not_found, key_of, pod_is_ready,
     run_workers, slow_start_batch, split_key,
@@ -49,8 +50,6 @@ const MAX_POD_CREATE_DELETE_PER_SYNC: usize = 500;
 /// (upstream's `DefaultJobPodFailureBackOff` and `MaxJobPodFailureBackOff`).
 const POD_FAILURE_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_POD_FAILURE_BACKOFF: Duration = Duration::from_secs(600);
-/// How long an unobserved creation or deletion is waited for before counting again anyway.
-const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 const BACKOFF_LIMIT_EXCEEDED: (&str, &str) = (
     "BackoffLimitExceeded",
@@ -649,21 +648,11 @@ pub fn pod_for(job: &Job, index: Option<i64>) -> anyhow::Result<Pod> {
     })
 }
 
-/// What one Job is waiting to see in the pod cache.
-#[derive(Default)]
-struct Expectations {
-    /// Names of pods it created and has not yet seen.
-    creations: HashSet<String>,
-    /// Pods (name, uid) it deleted that the cache still shows as not deleting.
-    deletions: HashSet<(String, String)>,
-    since: Option<Instant>,
-}
-
 pub struct JobController {
     client: Client,
     jobs: Cache<Job>,
     pods: Cache<Pod>,
-    expectations: Mutex<HashMap<String, Expectations>>,
+    expectations: PodExpectations,
 }
 
 impl JobController {
@@ -672,7 +661,7 @@ impl JobController {
             client,
             jobs,
             pods,
-            expectations: Mutex::default(),
+            expectations: PodExpectations::default(),
         })
     }
 
@@ -707,50 +696,11 @@ impl JobController {
         tokio::join!(from_jobs, from_pods, workers);
     }
 
-    /// Whether the pod cache has caught up with what this Job last did.
-    fn expectations_satisfied(&self, key: &str, namespace: &str) -> bool {
-        let mut all = self.expectations.lock().expect("expectations lock");
-        let Some(expectations) = all.get_mut(key) else {
-            return true;
-        };
-        expectations
-            .creations
-            .retain(|name| self.pods.get(Some(namespace), name).is_none());
-        expectations.deletions.retain(|(name, uid)| {
-            self.pods.get(Some(namespace), name).is_some_and(|pod| {
-                pod.metadata.uid.as_deref() == Some(uid)
-                    && pod.metadata.deletion_timestamp.is_none()
-            })
-        });
-        let timed_out = expectations
-            .since
-            .is_some_and(|since| since.elapsed() > EXPECTATION_TIMEOUT);
-        if timed_out || (expectations.creations.is_empty() && expectations.deletions.is_empty()) {
-            all.remove(key);
-            return true;
-        }
-        false
-    }
-
-    fn expect(&self, key: &str, creations: Vec<String>, deletions: Vec<(String, String)>) {
-        if creations.is_empty() && deletions.is_empty() {
-            return;
-        }
-        let mut all = self.expectations.lock().expect("expectations lock");
-        let expectations = all.entry(key.to_string()).or_default();
-        expectations.creations.extend(creations);
-        expectations.deletions.extend(deletions);
-        expectations.since = Some(Instant::now());
-    }
-
     async fn reconcile(&self, key: &str) -> anyhow::Result<Option<Duration>> {
         let (namespace, name) = split_key(key);
         let namespace = namespace.unwrap_or("default");
         let Some(job) = self.jobs.get(Some(namespace), name) else {
-            self.expectations
-                .lock()
-                .expect("expectations lock")
-                .remove(key);
+            self.expectations.forget(key);
             return Ok(None);
         };
         let managed_by = job.spec.as_ref().and_then(|s| s.managed_by.as_deref());
@@ -762,7 +712,7 @@ impl JobController {
         let uid = job.metadata.uid.clone().unwrap_or_default();
         // Judged before the pods are listed: judged after, a cache that caught up in
         // between would satisfy them while the list still missed the pods just created.
-        let may_manage = self.expectations_satisfied(key, namespace);
+        let may_manage = self.expectations.satisfied(key, namespace, &self.pods);
         let pods: Vec<Arc<Pod>> = self
             .pods
             .in_namespace(namespace)
@@ -839,7 +789,7 @@ impl JobController {
                 }
             }
         }
-        self.expect(key, Vec::new(), deleted);
+        self.expectations.expect(key, Vec::new(), deleted);
 
         if !plan.create.is_empty() {
             let pods = plan
@@ -861,7 +811,7 @@ impl JobController {
             .await;
             let created = created.into_inner().expect("created lock");
             tracing::debug!(job = %key, created = created.len(), "created pods");
-            self.expect(key, created, Vec::new());
+            self.expectations.expect(key, created, Vec::new());
             if let Some(error) = error {
                 first_error.get_or_insert(error.context(format!("create pods for job {key}")));
             }

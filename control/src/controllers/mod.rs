@@ -15,6 +15,7 @@
 pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
+pub mod expectations;
 pub mod garbage_collector;
 pub mod job;
 pub mod leader;

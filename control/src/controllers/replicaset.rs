@@ -6,9 +6,9 @@
 //! (its "expectations") before it counts again, so that a cache that lags behind the API
 //! server never makes it create the same pods twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -18,6 +18,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use kube::{Client, ResourceExt as _};
 use serde_json::json;
 
+use super::expectations::PodExpectations;
 use super::runtime::{
     Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of,
     pod_availability, pod_is_active, pod_is_ready, release, run_workers, selector_matches,
@@ -27,25 +28,11 @@ use super::runtime::{
 /// At most this many pods are created or deleted in one pass, as upstream's burstReplicas.
 pub const BURST_REPLICAS: usize = 500;
 
-/// How long an unobserved creation or deletion is waited for before counting again anyway
-/// (upstream's ExpectationsTimeout, 5 minutes).
-const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// What one ReplicaSet is waiting to see in the pod cache.
-#[derive(Default)]
-struct Expectations {
-    /// Names of pods it created and has not yet seen.
-    creations: HashSet<String>,
-    /// UIDs of pods it deleted that the cache still shows as not deleting.
-    deletions: HashSet<(String, String)>,
-    since: Option<Instant>,
-}
-
 pub struct ReplicaSetController {
     client: Client,
     replicasets: Cache<ReplicaSet>,
     pods: Cache<Pod>,
-    expectations: Mutex<HashMap<String, Expectations>>,
+    expectations: PodExpectations,
 }
 
 impl ReplicaSetController {
@@ -54,7 +41,7 @@ impl ReplicaSetController {
             client,
             replicasets,
             pods,
-            expectations: Mutex::default(),
+            expectations: PodExpectations::default(),
         })
     }
 
@@ -96,39 +83,11 @@ impl ReplicaSetController {
         tokio::join!(from_replicasets, from_pods, workers);
     }
 
-    /// Whether the pod cache has caught up with what this ReplicaSet last did.
-    fn expectations_satisfied(&self, key: &str, namespace: &str) -> bool {
-        let mut all = self.expectations.lock().expect("expectations lock");
-        let Some(expectations) = all.get_mut(key) else {
-            return true;
-        };
-        expectations
-            .creations
-            .retain(|name| self.pods.get(Some(namespace), name).is_none());
-        expectations.deletions.retain(|(name, uid)| {
-            self.pods.get(Some(namespace), name).is_some_and(|pod| {
-                pod.metadata.uid.as_deref() == Some(uid)
-                    && pod.metadata.deletion_timestamp.is_none()
-            })
-        });
-        let timed_out = expectations
-            .since
-            .is_some_and(|since| since.elapsed() > EXPECTATION_TIMEOUT);
-        if timed_out || (expectations.creations.is_empty() && expectations.deletions.is_empty()) {
-            all.remove(key);
-            return true;
-        }
-        false
-    }
-
     async fn reconcile(&self, key: &str) -> anyhow::Result<Option<Duration>> {
         let (namespace, name) = split_key(key);
         let namespace = namespace.unwrap_or("default");
         let Some(rs) = self.replicasets.get(Some(namespace), name) else {
-            self.expectations
-                .lock()
-                .expect("expectations lock")
-                .remove(key);
+            self.expectations.forget(key);
             return Ok(None);
         };
         let rs_uid = rs.metadata.uid.clone().unwrap_or_default();
@@ -141,8 +100,8 @@ impl ReplicaSetController {
         // Expectations are judged before the pods are counted: judged after, a cache that
         // caught up in between would satisfy them while the count still missed the pods
         // just created, and the ReplicaSet would create them again.
-        let may_manage =
-            rs.metadata.deletion_timestamp.is_none() && self.expectations_satisfied(key, namespace);
+        let may_manage = rs.metadata.deletion_timestamp.is_none()
+            && self.expectations.satisfied(key, namespace, &self.pods);
 
         // Claim: owned pods that still match, plus orphans that match (adopted).
         let mut owned = Vec::new();
@@ -215,12 +174,7 @@ impl ReplicaSetController {
             .await;
             let created = created.into_inner().expect("created lock");
             tracing::debug!(replicaset = %key, created = created.len(), "created pods");
-            if !created.is_empty() {
-                let mut all = self.expectations.lock().expect("expectations lock");
-                let expectations = all.entry(key.to_string()).or_default();
-                expectations.creations.extend(created);
-                expectations.since = Some(Instant::now());
-            }
+            self.expectations.expect(key, created, Vec::new());
             if let Some(error) = error {
                 return Err(error.context(format!("create pods for replicaset {namespace}/{name}")));
             }
@@ -252,12 +206,7 @@ impl ReplicaSetController {
                     }
                 }
             }
-            if !deleted.is_empty() {
-                let mut all = self.expectations.lock().expect("expectations lock");
-                let expectations = all.entry(key.to_string()).or_default();
-                expectations.deletions.extend(deleted);
-                expectations.since = Some(Instant::now());
-            }
+            self.expectations.expect(key, Vec::new(), deleted);
             if let Some(error) = first_error {
                 return Err(anyhow::Error::new(error)
                     .context(format!("delete pods of replicaset {namespace}/{name}")));
