@@ -4,6 +4,8 @@
 //! one registry, and [`store`], the revisioned key-value contract beneath it. [`server`]
 //! is the HTTPS front door and [`pki`] makes the credentials it uses.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod controllers;
 pub mod pki;

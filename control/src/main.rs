@@ -262,8 +262,46 @@ async fn until_terminated(
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(run())
+}
+
+/// mimalloc's option numbers (`mi_option_e` in its `mimalloc.h`, the same in its v2 and v3),
+/// which `libmimalloc-sys` does not name.
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Has mimalloc give freed memory back to the OS at once rather than a second later, and
+/// commit its arenas as they are used rather than whole: with its defaults it kept some
+/// 35 MB more resident with 10 000 pods (the server, scheduler and controllers free much of
+/// what they parse right away), 13 MB of it at idle.
+///
+/// It runs as a constructor of the executable (`.init_array`), before `main`: the first
+/// allocation reserves mimalloc's first arena, whose commit mode is then fixed, and that
+/// happens before `main` (set from `main`, the arena option changed nothing).
+#[allow(
+    unsafe_code,
+    reason = "a constructor must be placed in .init_array by hand"
+)]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static RETURN_FREED_MEMORY_PROMPTLY: extern "C" fn() = return_freed_memory_promptly;
+
+#[allow(unsafe_code, reason = "mimalloc's options are set through its C API")]
+extern "C" fn return_freed_memory_promptly() {
+    // SAFETY: `mi_option_set` stores a plain integer in mimalloc's option table; both
+    // option numbers exist in the linked mimalloc, and no other thread runs yet.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

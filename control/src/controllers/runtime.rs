@@ -442,10 +442,12 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 
 /// Trims a pod to what the controllers read, for the shared pod cache
 /// ([`Cache::with_transform`]): metadata without `managedFields` and the last-applied
-/// copy, the status, and of the spec only `nodeName`, `tolerations`, `restartPolicy`,
-/// `hostname`, `subdomain` and the containers' ports. Images, commands, environment,
-/// resources, probes, mounts and volumes were two thirds of a cached pod and no
-/// controller reads them; a controller that comes to read another spec field adds it here.
+/// copy; of the spec only `nodeName`, `tolerations`, `restartPolicy`, `hostname`,
+/// `subdomain` and the containers' ports; of the status the phase, the pod IP, the
+/// conditions' type, status and transition time, and of each container's status its name,
+/// readiness, restart count and finish time. Images, commands, environment, resources,
+/// probes, mounts and volumes were two thirds of a cached pod and no controller reads them;
+/// a controller that comes to read another field adds it here.
 ///
 /// The ports of all containers are kept in order in one container named after the first
 /// (none if no container has ports): a `k8s-openapi` `Container` is about 3 kB even when
@@ -456,6 +458,9 @@ pub fn slim_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
     pod.metadata.managed_fields = None;
     if let Some(annotations) = &mut pod.metadata.annotations {
         annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(slim_pod_status(status));
     }
     let Some(spec) = pod.spec.take() else {
         return;
@@ -488,6 +493,57 @@ pub fn slim_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
         subdomain: spec.subdomain,
         ..PodSpec::default()
     });
+}
+
+/// The part of a pod's status [`slim_pod`] keeps.
+fn slim_pod_status(
+    status: k8s_openapi::api::core::v1::PodStatus,
+) -> k8s_openapi::api::core::v1::PodStatus {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
+    };
+    let slim_containers = |statuses: Option<Vec<ContainerStatus>>| {
+        statuses.map(|statuses| {
+            statuses
+                .into_iter()
+                .map(|container| ContainerStatus {
+                    name: container.name,
+                    ready: container.ready,
+                    restart_count: container.restart_count,
+                    state: container
+                        .state
+                        .and_then(|state| state.terminated)
+                        .map(|terminated| ContainerState {
+                            terminated: Some(ContainerStateTerminated {
+                                exit_code: terminated.exit_code,
+                                finished_at: terminated.finished_at,
+                                ..ContainerStateTerminated::default()
+                            }),
+                            ..ContainerState::default()
+                        }),
+                    ..ContainerStatus::default()
+                })
+                .collect()
+        })
+    };
+    PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .map(|condition| PodCondition {
+                    type_: condition.type_,
+                    status: condition.status,
+                    last_transition_time: condition.last_transition_time,
+                    ..PodCondition::default()
+                })
+                .collect()
+        }),
+        container_statuses: slim_containers(status.container_statuses),
+        init_container_statuses: slim_containers(status.init_container_statuses),
+        ..PodStatus::default()
+    }
 }
 
 /// Whether a pod's Ready condition is True.
@@ -650,18 +706,34 @@ mod tests {
                 ],
                 "volumes": [{"name": "cache", "emptyDir": {}}]
             },
-            "status": {"phase": "Running", "podIP": "10.0.0.1",
-                "conditions": [{"type": "Ready", "status": "True"}]}
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "qosClass": "BestEffort",
+                "conditions": [{"type": "Ready", "status": "True", "message": "m",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "containerStatuses": [{"name": "web", "image": "web:1", "imageID": "sha256:1",
+                    "ready": true, "restartCount": 2,
+                    "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                        "finishedAt": "2026-01-01T00:00:01Z"}},
+                    "lastState": {"terminated": {"exitCode": 1}}}]}
         }))
         .unwrap();
-        let status = pod.status.clone();
+        let status: k8s_openapi::api::core::v1::PodStatus =
+            serde_json::from_value(serde_json::json!({
+                "phase": "Running", "podIP": "10.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "containerStatuses": [{"name": "web", "image": "", "imageID": "",
+                    "ready": true, "restartCount": 2,
+                    "state": {"terminated": {"exitCode": 1,
+                        "finishedAt": "2026-01-01T00:00:01Z"}}}]
+            }))
+            .unwrap();
         slim_pod(&mut pod);
         assert!(pod.metadata.managed_fields.is_none());
         let annotations = pod.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations.len(), 1);
         assert_eq!(annotations["keep"], "me");
         assert!(controller_of(&pod).is_some());
-        assert_eq!(pod.status, status);
+        assert_eq!(pod.status, Some(status));
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("n1"));
         assert_eq!(spec.tolerations.as_ref().unwrap().len(), 1);
