@@ -799,29 +799,30 @@ impl Programmer {
         }
         use std::os::fd::AsFd as _;
         let batch = &self.maps.batch;
-        let written = skiff_ebpf::sys::map_update_batch(
-            batch.backends.as_fd(),
-            &backend_keys,
-            &backend_values,
-        )
-        .map_err(|error| (BACKENDS_MAP, error))
-        .and_then(|()| {
-            skiff_ebpf::sys::map_update_batch(batch.services.as_fd(), &slot_keys, &slot_values)
-                .map_err(|error| (SERVICES_MAP, error))
-        })
-        .and_then(|()| {
-            skiff_ebpf::sys::map_update_batch(batch.revnat.as_fd(), &indexes, &revnat_values)
-                .map_err(|error| (REVNAT_MAP, error))
-        })
-        .and_then(|()| {
-            skiff_ebpf::sys::map_update_batch(batch.names.as_fd(), &indexes, &name_values)
-                .map_err(|error| (NAMES_MAP, error))
-        })
-        .and_then(|()| {
-            skiff_ebpf::sys::map_update_batch(batch.services.as_fd(), &entry_keys, &entry_values)
-                .map_err(|error| (SERVICES_MAP, error))
-        });
-        if let Err((map, (_, source))) = written {
+        let write = || -> Result<(), (&'static str, std::io::Error)> {
+            write_batch(
+                BACKENDS_MAP,
+                batch.backends.as_fd(),
+                &backend_keys,
+                &backend_values,
+            )?;
+            write_batch(
+                SERVICES_MAP,
+                batch.services.as_fd(),
+                &slot_keys,
+                &slot_values,
+            )?;
+            write_batch(REVNAT_MAP, batch.revnat.as_fd(), &indexes, &revnat_values)?;
+            write_batch(NAMES_MAP, batch.names.as_fd(), &indexes, &name_values)?;
+            // The frontends' own entries last, once everything they point at is there.
+            write_batch(
+                SERVICES_MAP,
+                batch.services.as_fd(),
+                &entry_keys,
+                &entry_values,
+            )
+        };
+        if let Err((map, source)) = write() {
             for key in &entry_keys {
                 let _ = self.maps.services.remove(key);
             }
@@ -1090,6 +1091,16 @@ fn remove<K: aya::Pod, V: aya::Pod>(
 
 fn remove_backend(maps: &mut Maps, backend_id: u32) -> Result<(), LbError> {
     remove(&mut maps.backends, BACKENDS_MAP, &backend_id)
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `keys` and `values` into the map `name` (for the error).
+fn write_batch<K: aya::Pod, V: aya::Pod>(
+    name: &'static str,
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (&'static str, std::io::Error)> {
+    skiff_ebpf::sys::map_update_batch(map, keys, values).map_err(|(_, source)| (name, source))
 }
 
 #[cfg(test)]
