@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::model::long_running;
@@ -199,6 +199,25 @@ pub fn resolve_port(port: &IntOrString, container: &Container) -> Option<u16> {
     }
 }
 
+/// The host a network probe dials: its own `host` when set, else the pod IP.
+pub fn probe_host(host: Option<&String>, pod_ip: &str) -> String {
+    host.filter(|h| !h.is_empty())
+        .map_or_else(|| pod_ip.to_string(), Clone::clone)
+}
+
+/// The URL an httpGet probe asks for, its port already resolved (or shown as `?`).
+pub fn http_url(http: &HTTPGetAction, port: impl std::fmt::Display, pod_ip: &str) -> String {
+    let scheme = http
+        .scheme
+        .as_deref()
+        .unwrap_or("HTTP")
+        .to_ascii_lowercase();
+    let host = probe_host(http.host.as_ref(), pod_ip);
+    let path = http.path.as_deref().unwrap_or("/");
+    let slash = if path.starts_with('/') { "" } else { "/" };
+    format!("{scheme}://{host}:{port}{slash}{path}")
+}
+
 /// Runs an httpGet or tcpSocket probe against the pod IP; `None` for exec probes (the
 /// caller runs those in the container).
 pub async fn check_network(probe: &Probe, container: &Container, pod_ip: &str) -> Option<bool> {
@@ -207,23 +226,7 @@ pub async fn check_network(probe: &Probe, container: &Container, pod_ip: &str) -
         let Some(port) = resolve_port(&http.port, container) else {
             return Some(false);
         };
-        let host = http
-            .host
-            .clone()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| pod_ip.to_string());
-        let scheme = http
-            .scheme
-            .as_deref()
-            .unwrap_or("HTTP")
-            .to_ascii_lowercase();
-        let path = http.path.as_deref().unwrap_or("/");
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
-        };
-        let url = format!("{scheme}://{host}:{port}{path}");
+        let url = http_url(http, port, pod_ip);
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .danger_accept_invalid_certs(true)
@@ -241,11 +244,7 @@ pub async fn check_network(probe: &Probe, container: &Container, pod_ip: &str) -
         let Some(port) = resolve_port(&tcp.port, container) else {
             return Some(false);
         };
-        let host = tcp
-            .host
-            .clone()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| pod_ip.to_string());
+        let host = probe_host(tcp.host.as_ref(), pod_ip);
         let connect = tokio::net::TcpStream::connect((host.as_str(), port));
         return Some(matches!(
             tokio::time::timeout(timeout, connect).await,
@@ -263,6 +262,30 @@ pub async fn check_network(probe: &Probe, container: &Container, pod_ip: &str) -
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn http_urls_default_the_host_and_slash_the_path() {
+        let http = |value: serde_json::Value| -> HTTPGetAction {
+            serde_json::from_value(value).expect("valid httpGet")
+        };
+        assert_eq!(
+            http_url(
+                &http(json!({"port": 8080, "path": "healthz"})),
+                8080,
+                "10.1.0.2"
+            ),
+            "http://10.1.0.2:8080/healthz"
+        );
+        assert_eq!(
+            http_url(
+                &http(json!({"port": "web", "host": "example.test", "scheme": "HTTPS"})),
+                "?",
+                "10.1.0.2"
+            ),
+            "https://example.test:?/"
+        );
+        assert_eq!(probe_host(Some(&String::new()), "10.1.0.2"), "10.1.0.2");
+    }
 
     fn pod(container: serde_json::Value) -> Pod {
         serde_json::from_value(

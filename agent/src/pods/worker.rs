@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use super::model::{ContainerRecord, Kind, RunState, Waiting, latest, long_running, sidecars};
 use super::plan::{Action, Backoffs, plan};
-use super::probe::{ProbeKind, Prober, check_network, resolve_port};
+use super::probe::{ProbeKind, Prober, check_network, http_url, probe_host, resolve_port};
 use super::runtime::{PodRuntime, RuntimeError, SandboxInfo, StartError};
 use super::status::{Observed, pod_status};
 use crate::events::{EventRecorder, EventType};
@@ -507,30 +507,17 @@ fn network_probe_failure(
     container: &k8s_openapi::api::core::v1::Container,
     pod_ip: &str,
 ) -> String {
-    let host = |host: &Option<String>| {
-        host.clone()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| pod_ip.to_string())
-    };
     let port = |port| resolve_port(port, container).map_or("?".to_string(), |p| p.to_string());
     if let Some(http) = &probe.http_get {
-        let scheme = http
-            .scheme
-            .as_deref()
-            .unwrap_or("HTTP")
-            .to_ascii_lowercase();
-        let path = http.path.as_deref().unwrap_or("/");
-        let slash = if path.starts_with('/') { "" } else { "/" };
         return format!(
-            "HTTP probe failed: GET {scheme}://{}:{}{slash}{path}",
-            host(&http.host),
-            port(&http.port)
+            "HTTP probe failed: GET {}",
+            http_url(http, port(&http.port), pod_ip)
         );
     }
     if let Some(tcp) = &probe.tcp_socket {
         return format!(
             "TCP probe failed: dial tcp {}:{}",
-            host(&tcp.host),
+            probe_host(tcp.host.as_ref(), pod_ip),
             port(&tcp.port)
         );
     }
