@@ -51,11 +51,7 @@ impl PodFiles {
         node_resolv_conf: Option<&str>,
     ) -> Result<PodFiles, SandboxError> {
         let names = pod_hostname(pod, &settings.cluster_domain)?;
-        let aliases = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_aliases.as_deref())
-            .unwrap_or_default();
+        let aliases = host_aliases(pod);
         let dns = pod_dns(pod, settings, node_resolv_conf);
         Ok(PodFiles {
             hosts: hosts_file(pod_ips, &names.hostname, names.domain.as_deref(), aliases),
@@ -64,6 +60,14 @@ impl PodFiles {
             warnings: dns.warnings,
         })
     }
+}
+
+/// The pod's `hostAliases` (none when unset).
+fn host_aliases(pod: &Pod) -> &[HostAlias] {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.host_aliases.as_deref())
+        .unwrap_or_default()
 }
 
 /// What a `hostNetwork` pod's files are made of besides the pod: the node's own.
@@ -86,11 +90,7 @@ impl PodFiles {
         node_resolv_conf: Option<&str>,
         node: &NodeFiles,
     ) -> PodFiles {
-        let aliases = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_aliases.as_deref())
-            .unwrap_or_default();
+        let aliases = host_aliases(pod);
         let dns = pod_dns(pod, settings, node_resolv_conf);
         PodFiles {
             hosts: node_hosts_file(&node.hosts, aliases),
