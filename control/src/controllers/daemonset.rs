@@ -25,7 +25,8 @@ use serde_json::json;
 use super::deployment::{scaled_value, template_hash};
 use super::runtime::{
     Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of,
-    pod_availability, pod_is_active, pod_is_ready, run_workers, selector_matches, split_key,
+    pod_availability, pod_is_active, pod_is_ready, seed_and_run_workers, selector_matches,
+    split_key,
 };
 
 pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
@@ -64,20 +65,8 @@ impl DaemonSetController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let daemonsets = self.daemonsets.clone();
-        let all = move || {
-            daemonsets
-                .store
-                .state()
-                .iter()
-                .map(|d| key_of(&**d))
-                .collect::<Vec<_>>()
-        };
-        let from_daemonsets = feed(
-            queue.clone(),
-            self.daemonsets.subscribe(),
-            |ds: &DaemonSet| vec![key_of(ds)],
-            all.clone(),
-        );
+        let all = move || daemonsets.keys();
+        let from_daemonsets = self.daemonsets.feed_own_keys(queue.clone());
         let every = all.clone();
         let from_nodes = feed(
             queue.clone(),
@@ -113,14 +102,14 @@ impl DaemonSetController {
         let _ = self.daemonsets.store.wait_until_ready().await;
         let _ = self.nodes.store.wait_until_ready().await;
         let _ = self.pods.store.wait_until_ready().await;
-        for ds in self.daemonsets.store.state() {
-            queue.add(key_of(&*ds));
-        }
-        let this = self.clone();
-        let workers = run_workers("daemonset", queue, workers, move |key| {
-            let this = this.clone();
-            async move { this.reconcile(&key).await }
-        });
+        let workers = seed_and_run_workers(
+            "daemonset",
+            queue,
+            &self.daemonsets,
+            workers,
+            self.clone(),
+            |this, key| async move { this.reconcile(&key).await },
+        );
         tokio::join!(from_daemonsets, from_nodes, from_pods, workers);
     }
 

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::runtime::{
     Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of, release,
-    run_workers, selector_matches, split_key,
+    seed_and_run_workers, selector_matches, split_key,
 };
 
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
@@ -68,20 +68,8 @@ impl DeploymentController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let deployments = self.deployments.clone();
-        let all = move || {
-            deployments
-                .store
-                .state()
-                .iter()
-                .map(|d| key_of(&**d))
-                .collect()
-        };
-        let from_deployments = feed(
-            queue.clone(),
-            self.deployments.subscribe(),
-            |d: &Deployment| vec![key_of(d)],
-            all.clone(),
-        );
+        let all = move || deployments.keys();
+        let from_deployments = self.deployments.feed_own_keys(queue.clone());
         let owners = self.deployments.clone();
         let from_replicasets = feed(
             queue.clone(),
@@ -126,14 +114,14 @@ impl DeploymentController {
         let _ = self.deployments.store.wait_until_ready().await;
         let _ = self.replicasets.store.wait_until_ready().await;
         let _ = self.pods.store.wait_until_ready().await;
-        for d in self.deployments.store.state() {
-            queue.add(key_of(&*d));
-        }
-        let this = self.clone();
-        let workers = run_workers("deployment", queue, workers, move |key| {
-            let this = this.clone();
-            async move { this.reconcile(&key).await }
-        });
+        let workers = seed_and_run_workers(
+            "deployment",
+            queue,
+            &self.deployments,
+            workers,
+            self.clone(),
+            |this, key| async move { this.reconcile(&key).await },
+        );
         tokio::join!(from_deployments, from_replicasets, from_pods, workers);
     }
 

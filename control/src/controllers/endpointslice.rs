@@ -26,7 +26,7 @@ use kube::{Client, ResourceExt as _};
 
 use super::runtime::{
     Cache, Queue, controller_reference, feed, is_not_found, key_of, map_selector_matches,
-    pod_is_ready, run_workers, split_key,
+    pod_is_ready, seed_and_run_workers, split_key,
 };
 
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
@@ -86,20 +86,8 @@ impl EndpointSliceController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let services = self.services.clone();
-        let all = move || {
-            services
-                .store
-                .state()
-                .iter()
-                .map(|s| key_of(&**s))
-                .collect()
-        };
-        let from_services = feed(
-            queue.clone(),
-            self.services.subscribe(),
-            |service: &Service| vec![key_of(service)],
-            all.clone(),
-        );
+        let all = move || services.keys();
+        let from_services = self.services.feed_own_keys(queue.clone());
         // A pod whose labels change leaves the Services it matched before: remember them.
         let last_services: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
         let services = self.services.clone();
@@ -152,14 +140,14 @@ impl EndpointSliceController {
         let _ = self.pods.store.wait_until_ready().await;
         let _ = self.slices.store.wait_until_ready().await;
         let _ = self.endpoints.store.wait_until_ready().await;
-        for service in self.services.store.state() {
-            queue.add(key_of(&*service));
-        }
-        let this = self.clone();
-        let workers = run_workers("endpointslice", queue, workers, move |key| {
-            let this = this.clone();
-            async move { this.reconcile(&key).await }
-        });
+        let workers = seed_and_run_workers(
+            "endpointslice",
+            queue,
+            &self.services,
+            workers,
+            self.clone(),
+            |this, key| async move { this.reconcile(&key).await },
+        );
         tokio::join!(from_services, from_pods, from_slices, workers);
     }
 

@@ -32,8 +32,8 @@ use kube::{Client, ResourceExt as _};
 
 use super::expectations::PodExpectations;
 use super::runtime::{
-    Cache, Queue, controller_of, controller_reference, feed, is_not_found, key_of, pod_is_ready,
-    run_workers, slow_start_batch, split_key,
+    Cache, Queue, controller_of, controller_reference, feed, is_not_found, pod_is_ready,
+    seed_and_run_workers, slow_start_batch, split_key,
 };
 
 /// The annotation (and label) holding an Indexed Job's pod's completion index.
@@ -669,30 +669,23 @@ impl JobController {
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
         let jobs = self.jobs.clone();
-        let all = move || {
-            jobs.store
-                .state()
-                .iter()
-                .map(|job| key_of(&**job))
-                .collect()
-        };
-        let from_jobs = feed(
+        let from_jobs = self.jobs.feed_own_keys(queue.clone());
+        let from_pods = feed(
             queue.clone(),
-            self.jobs.subscribe(),
-            |job: &Job| vec![key_of(job)],
-            all.clone(),
+            self.pods.subscribe(),
+            job_of_pod,
+            move || jobs.keys(),
         );
-        let from_pods = feed(queue.clone(), self.pods.subscribe(), job_of_pod, all);
         let _ = self.jobs.store.wait_until_ready().await;
         let _ = self.pods.store.wait_until_ready().await;
-        for job in self.jobs.store.state() {
-            queue.add(key_of(&*job));
-        }
-        let this = self.clone();
-        let workers = run_workers("job", queue, workers, move |key| {
-            let this = this.clone();
-            async move { this.reconcile(&key).await }
-        });
+        let workers = seed_and_run_workers(
+            "job",
+            queue,
+            &self.jobs,
+            workers,
+            self.clone(),
+            |this, key| async move { this.reconcile(&key).await },
+        );
         tokio::join!(from_jobs, from_pods, workers);
     }
 

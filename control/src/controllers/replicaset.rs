@@ -21,7 +21,7 @@ use serde_json::json;
 use super::expectations::PodExpectations;
 use super::runtime::{
     Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of,
-    pod_availability, pod_is_active, pod_is_ready, release, run_workers, selector_matches,
+    pod_availability, pod_is_active, pod_is_ready, release, seed_and_run_workers, selector_matches,
     slow_start_batch, split_key,
 };
 
@@ -48,38 +48,25 @@ impl ReplicaSetController {
     /// Runs until the caches close.
     pub async fn run(self: Arc<Self>, workers: usize) {
         let queue = Queue::new();
-        let replicasets = self.replicasets.clone();
-        let all = move || {
-            replicasets
-                .store
-                .state()
-                .iter()
-                .map(|rs| key_of(&**rs))
-                .collect()
-        };
-        let from_replicasets = feed(
-            queue.clone(),
-            self.replicasets.subscribe(),
-            |rs: &ReplicaSet| vec![key_of(rs)],
-            all.clone(),
-        );
+        let from_replicasets = self.replicasets.feed_own_keys(queue.clone());
         let owners = self.replicasets.clone();
+        let replicasets = self.replicasets.clone();
         let from_pods = feed(
             queue.clone(),
             self.pods.subscribe(),
             move |pod: &Pod| replicasets_for_pod(&owners, pod),
-            all,
+            move || replicasets.keys(),
         );
         let _ = self.replicasets.store.wait_until_ready().await;
         let _ = self.pods.store.wait_until_ready().await;
-        for rs in self.replicasets.store.state() {
-            queue.add(key_of(&*rs));
-        }
-        let this = self.clone();
-        let workers = run_workers("replicaset", queue, workers, move |key| {
-            let this = this.clone();
-            async move { this.reconcile(&key).await }
-        });
+        let workers = seed_and_run_workers(
+            "replicaset",
+            queue,
+            &self.replicasets,
+            workers,
+            self.clone(),
+            |this, key| async move { this.reconcile(&key).await },
+        );
         tokio::join!(from_replicasets, from_pods, workers);
     }
 

@@ -126,6 +126,28 @@ where
         self.store
             .state_filter(|object| object.namespace().as_deref() == Some(namespace))
     }
+
+    /// The work-queue key of every cached object.
+    pub fn keys(&self) -> Vec<String> {
+        self.store
+            .state()
+            .iter()
+            .map(|object| key_of(&**object))
+            .collect()
+    }
+
+    /// Feeds `queue` with this cache's own keys: a change enqueues the changed object's key,
+    /// a resync every cached key. It subscribes now, so no change after this call is missed
+    /// even if the returned future is first polled later.
+    pub fn feed_own_keys(&self, queue: Arc<Queue>) -> impl Future<Output = ()> + Send + 'static {
+        let cache = self.clone();
+        feed(
+            queue,
+            self.subscribe(),
+            |object: &K| vec![key_of(object)],
+            move || cache.keys(),
+        )
+    }
 }
 
 impl<K> Change<K> {
@@ -295,6 +317,32 @@ pub async fn run_workers<F, Fut>(
         });
     }
     while handles.join_next().await.is_some() {}
+}
+
+/// Seeds `queue` with every key of `primary`, then returns [`run_workers`] reconciling them
+/// with `reconcile(controller, key)`. The seeding happens at the call, not when the future
+/// is first polled: call it once the caches are ready, so that the first pass over every
+/// object sees full caches, and before the feeds are polled, so the seeded keys come first.
+pub fn seed_and_run_workers<K, C, R, Fut>(
+    name: &'static str,
+    queue: Arc<Queue>,
+    primary: &Cache<K>,
+    workers: usize,
+    controller: Arc<C>,
+    reconcile: R,
+) -> impl Future<Output = ()> + use<K, C, R, Fut>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    C: Send + Sync + 'static,
+    R: Fn(Arc<C>, String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<Option<Duration>>> + Send + 'static,
+{
+    for key in primary.keys() {
+        queue.add(key);
+    }
+    run_workers(name, queue, workers, move |key| {
+        reconcile(controller.clone(), key)
+    })
 }
 
 /// Whether an error is an optimistic-concurrency conflict (retried quietly).
@@ -669,6 +717,43 @@ mod tests {
         assert_eq!(queue.len(), 2);
         assert_eq!(queue.next().await, "b");
         assert_eq!(queue.next().await, "a");
+    }
+
+    #[tokio::test]
+    async fn seeding_enqueues_every_key_of_the_primary_cache_at_the_call() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        for name in ["a", "b"] {
+            writer.apply_watcher_event(&watcher::Event::Apply(ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("default".into()),
+                    ..ObjectMeta::default()
+                },
+                ..ConfigMap::default()
+            }));
+        }
+        let cache = Cache {
+            store,
+            subscribers: Arc::default(),
+        };
+        let mut keys = cache.keys();
+        keys.sort();
+        assert_eq!(keys, ["default/a", "default/b"]);
+
+        let queue = Queue::new();
+        // Never polled: the keys must be queued by the call itself.
+        let _workers = seed_and_run_workers(
+            "test",
+            queue.clone(),
+            &cache,
+            1,
+            Arc::new(()),
+            |_, _| async { anyhow::Ok(None) },
+        );
+        assert_eq!(queue.len(), 2);
     }
 
     #[test]
