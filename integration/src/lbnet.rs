@@ -8,14 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// A unique suffix for names that live in the kernel's global namespaces.
-pub fn unique_suffix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.subsec_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:x}", std::process::id(), nanos & 0xfffff)
-}
+use crate::netns::Netns;
+use crate::unique_suffix;
 
 fn run(program: &str, args: &[&str]) {
     let output = Command::new(program)
@@ -34,62 +28,45 @@ pub fn pod_address(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, 0, 10 + index)
 }
 
-/// A bridge in a "node" namespace with the client and backend namespaces attached.
+/// A bridge in a "node" namespace with the client and backend namespaces attached; every
+/// namespace is deleted on drop.
 pub struct Topology {
-    pub node: String,
-    /// Namespace names: `pods[0]` is the client, the rest are backends.
-    pub pods: Vec<String>,
+    /// The client and backends: `pods[0]` is the client, the rest are backends.
+    pub pods: Vec<Netns>,
+    pub node: Netns,
 }
 
 impl Topology {
     /// The client and `n_backends` backends at [`pod_address`], servers not yet started.
     pub fn new(n_backends: u8) -> Self {
         let suffix = unique_suffix();
-        let node = format!("lbn-{suffix}");
+        let node = Netns::add(format!("lbn-{suffix}"));
+        node.ip(&["link", "add", "br0", "type", "bridge"]);
+        node.ip(&["link", "set", "br0", "up"]);
         let mut topology = Self {
-            node: node.clone(),
             pods: Vec::new(),
+            node,
         };
-        run("ip", &["netns", "add", &node]);
-        run("ip", &["-n", &node, "link", "add", "br0", "type", "bridge"]);
-        run("ip", &["-n", &node, "link", "set", "br0", "up"]);
-        run("ip", &["-n", &node, "link", "set", "lo", "up"]);
         for index in 0..=n_backends {
-            let pod = format!("lbp{index}-{suffix}");
-            run("ip", &["netns", "add", &pod]);
-            topology.pods.push(pod.clone());
+            let pod = Netns::add(format!("lbp{index}-{suffix}"));
             let host_end = format!("v{index}");
-            run(
-                "ip",
-                &[
-                    "-n", &node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
-                    "netns", &pod,
-                ],
-            );
-            run(
-                "ip",
-                &["-n", &node, "link", "set", &host_end, "master", "br0", "up"],
-            );
+            topology.node.add_veth(&host_end, &pod, "eth0");
+            topology
+                .node
+                .ip(&["link", "set", &host_end, "master", "br0", "up"]);
             let address = format!("{}/24", pod_address(index));
-            run("ip", &["-n", &pod, "addr", "add", &address, "dev", "eth0"]);
-            run("ip", &["-n", &pod, "link", "set", "eth0", "up"]);
-            run("ip", &["-n", &pod, "link", "set", "lo", "up"]);
+            pod.ip(&["addr", "add", &address, "dev", "eth0"]);
+            pod.ip(&["link", "set", "eth0", "up"]);
             // Service addresses are translated before routing, but a socket needs a route
             // to the address it asked for to get that far.
-            run(
-                "ip",
-                &["-n", &pod, "route", "add", "default", "dev", "eth0"],
-            );
+            pod.ip(&["route", "add", "default", "dev", "eth0"]);
+            topology.pods.push(pod);
         }
         topology
     }
 
-    pub fn netns_path(name: &str) -> PathBuf {
-        PathBuf::from("/run/netns").join(name)
-    }
-
     pub fn client_netns(&self) -> PathBuf {
-        Self::netns_path(&self.pods[0])
+        self.pods[0].path()
     }
 
     pub fn backend_count(&self) -> u8 {
@@ -100,7 +77,7 @@ impl Topology {
     /// line (each datagram) with `b<index>`. They live as long as the test process.
     pub fn serve(&self, port: u16) {
         for index in 1..=self.backend_count() {
-            let netns = Self::netns_path(&self.pods[usize::from(index)]);
+            let netns = self.pods[usize::from(index)].path();
             let name = format!("b{index}");
             let (listener, socket) = skiff_agent::sandbox::run_in_namespace(
                 &netns,
@@ -138,17 +115,6 @@ impl Topology {
                 }
             });
         }
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for pod in &self.pods {
-            let _ = Command::new("ip").args(["netns", "del", pod]).status();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.node])
-            .status();
     }
 }
 

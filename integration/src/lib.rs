@@ -15,6 +15,7 @@ use base64::Engine as _;
 
 pub mod containerd;
 pub mod lbnet;
+pub mod netns;
 pub mod node;
 pub mod oci_image;
 pub mod pod_cluster;
@@ -61,6 +62,29 @@ pub fn require_tool(name: &str, hint: &str) {
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(found, "{name} is not installed: {hint}");
+}
+
+/// A unique suffix for names that live in the kernel's global namespaces.
+pub fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), nanos & 0xfffff)
+}
+
+/// Every file under `dir`, recursively (none when `dir` does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
 }
 
 /// A running `skiff-control serve` on a temporary data directory; killed on drop.

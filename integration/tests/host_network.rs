@@ -4,7 +4,7 @@
 //! node's IP as its own, is never attached to the CNI network, survives an agent restart,
 //! and leaves nothing behind when deleted; a pod-network pod beside it is unaffected.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ impl Cluster {
 
     /// The IPAM reservations of the node's subnet: (address file, the container ID in it).
     fn ip_reservations(&self) -> Vec<(PathBuf, String)> {
-        walk(&self.node.state_dir.join("ipam"))
+        integration::files_under(&self.node.state_dir.join("ipam"))
             .into_iter()
             .filter(|p| {
                 p.file_name()
@@ -67,7 +67,7 @@ impl Cluster {
 
     /// The files of the CNI result cache that name `uid`.
     fn cni_cache_entries(&self, uid: &str) -> Vec<PathBuf> {
-        walk(&skiff_agent::cni::cni_cache_dir(&self.node.run_dir))
+        integration::files_under(&skiff_agent::cni::cni_cache_dir(&self.node.run_dir))
             .into_iter()
             .filter(|p| {
                 p.to_string_lossy().contains(uid)
@@ -99,19 +99,6 @@ impl Cluster {
         );
         serde_json::from_slice(&output.stdout).expect("agentctl JSON")
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(walk(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
 }
 
 /// `net:[4026531840]` for a `/proc/<pid>/ns/<kind>` path.

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use integration::lbnet::{self, Exchange, HeldConnection, TestBpffs, TestCgroup, Topology};
@@ -166,6 +167,16 @@ fn tcp_and_udp_reach_every_backend_evenly_and_see_the_service_address() {
     drop(setup.bpffs);
 }
 
+/// The stdout of `bpftool <args> <path>`, whatever its exit status (as the tests read it).
+fn bpftool(args: &[&str], path: &Path) -> String {
+    let output = std::process::Command::new("bpftool")
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("run bpftool");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn backend_of(exchange: &Exchange) -> &str {
     match exchange {
         Exchange::Reply { backend, .. } => backend,
@@ -270,7 +281,7 @@ fn hairpin_a_backend_reaches_its_own_service() {
         .programmer
         .apply_all(vec![frontend(SERVICE_IP, 80, Proto::Tcp, "self", &[1])])
         .expect("program the service");
-    let backend_netns = Topology::netns_path(&setup.topology.pods[1]);
+    let backend_netns = setup.topology.pods[1].path();
     let exchanges = lbnet::client(&setup.cgroup.path, &backend_netns, service, "tcp", 20);
     assert_eq!(spread(&exchanges, service).get("b1"), Some(&20));
 }
@@ -316,12 +327,7 @@ fn a_new_agent_adopts_the_pinned_maps_and_traffic_never_stops() {
     let counts = spread(&exchanges, service);
     assert_eq!(counts.values().sum::<usize>(), 1500, "{counts:?}");
     // Still one program per hook: the links were updated, not added.
-    let attached = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cgroup.path)
-        .output()
-        .expect("run bpftool");
-    let listing = String::from_utf8_lossy(&attached.stdout);
+    let listing = bpftool(&["cgroup", "show"], &cgroup.path);
     assert_eq!(listing.matches("skiff_connect4").count(), 1, "{listing}");
 
     // `agentctl lb reset`: the pins go, the hooks detach, the service no longer resolves.
@@ -334,12 +340,7 @@ fn a_new_agent_adopts_the_pinned_maps_and_traffic_never_stops() {
         .filter(|entry| !entry.file_name().to_string_lossy().ends_with(".debug"))
         .collect();
     assert!(remaining.is_empty(), "pins left: {remaining:?}");
-    let attached = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cgroup.path)
-        .output()
-        .expect("run bpftool");
-    let listing = String::from_utf8_lossy(&attached.stdout);
+    let listing = bpftool(&["cgroup", "show"], &cgroup.path);
     assert!(!listing.contains("skiff_"), "{listing}");
     drop(topology);
 }
@@ -429,26 +430,22 @@ fn a_full_map_is_reported_and_leaves_nothing_half_written() {
         "{error}"
     );
     assert!(error.to_string().contains("--lb-max-services"), "{error}");
-    let dump = std::process::Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(bpffs.path().join("lb4_services"))
-        .output()
-        .expect("run bpftool");
-    let entries = String::from_utf8_lossy(&dump.stdout)
-        .matches("\"key\"")
-        .count();
+    let entries = bpftool(
+        &["map", "dump", "pinned"],
+        &bpffs.path().join("lb4_services"),
+    )
+    .matches("\"key\"")
+    .count();
     assert_eq!(
         entries, 8,
         "two whole frontends (2 x 4 entries), nothing of the third"
     );
-    let backends = std::process::Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(bpffs.path().join("lb4_backends"))
-        .output()
-        .expect("run bpftool");
-    let entries = String::from_utf8_lossy(&backends.stdout)
-        .matches("\"key\"")
-        .count();
+    let entries = bpftool(
+        &["map", "dump", "pinned"],
+        &bpffs.path().join("lb4_backends"),
+    )
+    .matches("\"key\"")
+    .count();
     assert_eq!(entries, 6, "the third frontend's backends were rolled back");
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use integration::ControlPlane;
 use integration::containerd::Containerd;
 use integration::lbnet::{self, Exchange, Topology};
+use integration::netns::Netns;
 use integration::node::Node;
 use integration::oci_image::ImageBuilder;
 use serde_json::Value;
@@ -119,7 +120,7 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
     let cgroup = ClientCgroup(
         node.cgroup_dir
             .join("kubepods")
-            .join(format!("lbclient-{}", lbnet::unique_suffix())),
+            .join(format!("lbclient-{}", integration::unique_suffix())),
     );
     std::fs::create_dir(&cgroup.0).expect("create the client's cgroup under the pods' cgroup");
     let client = |to: SocketAddr, mode: &str, count: usize| {
@@ -275,18 +276,19 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
 }
 
 /// A veth pair of the test's own: `host` in the machine's namespace with `host_ip`/24, its
-/// peer as `eth0` in a new "outside" namespace with `client_ip`/24. Removed on drop.
+/// peer as `eth0` in a new "outside" namespace with `client_ip`/24. Removed on drop (the
+/// link here, then the namespace).
 struct OutsideLink {
     host: String,
-    netns: String,
+    netns: Netns,
 }
 
 impl OutsideLink {
     fn new(host_ip: Ipv4Addr, client_ip: Ipv4Addr) -> Self {
-        let suffix = lbnet::unique_suffix();
+        let suffix = integration::unique_suffix();
         let link = Self {
             host: format!("skx{}", &suffix[suffix.len().saturating_sub(8)..]),
-            netns: format!("lbext-{suffix}"),
+            netns: Netns::add(format!("lbext-{suffix}")),
         };
         let run = |args: &[&str]| {
             let output = Command::new("ip").args(args).output().expect("run ip");
@@ -296,7 +298,6 @@ impl OutsideLink {
                 String::from_utf8_lossy(&output.stderr)
             );
         };
-        run(&["netns", "add", &link.netns]);
         run(&[
             "link",
             "add",
@@ -307,21 +308,13 @@ impl OutsideLink {
             "name",
             "eth0",
             "netns",
-            &link.netns,
+            link.netns.name(),
         ]);
         run(&["addr", "add", &format!("{host_ip}/24"), "dev", &link.host]);
         run(&["link", "set", &link.host, "up"]);
-        run(&[
-            "-n",
-            &link.netns,
-            "addr",
-            "add",
-            &format!("{client_ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        run(&["-n", &link.netns, "link", "set", "eth0", "up"]);
-        run(&["-n", &link.netns, "link", "set", "lo", "up"]);
+        link.netns
+            .ip(&["addr", "add", &format!("{client_ip}/24"), "dev", "eth0"]);
+        link.netns.ip(&["link", "set", "eth0", "up"]);
         link
     }
 }
@@ -331,18 +324,15 @@ impl Drop for OutsideLink {
         let _ = Command::new("ip")
             .args(["link", "del", &self.host])
             .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 
 /// One TCP exchange from the outside namespace (no cgroup: the socket hooks are not on the
 /// path, only the tc programs on the node's interface).
-fn from_outside(netns: &str, to: SocketAddr, count: usize) -> Vec<Exchange> {
+fn from_outside(netns: &Netns, to: SocketAddr, count: usize) -> Vec<Exchange> {
     let output = Command::new(integration::binary("lb-client"))
         .arg("--netns")
-        .arg(Topology::netns_path(netns))
+        .arg(netns.path())
         .args([
             "--to",
             &to.to_string(),

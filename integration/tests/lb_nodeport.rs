@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use integration::netns::Netns;
 use integration::{require_root, require_tool};
 use skiff_agent::lb::tc::{self, TcDatapath};
 use skiff_ebpf::lb::{
@@ -153,7 +154,7 @@ fn nodeport_with_local_backends_keeps_the_client_address() {
     )
     .expect("detach tc programs");
     assert_eq!(
-        pinned_files(&lab.bpffs.path().join("tc")),
+        integration::files_under(&lab.bpffs.path().join("tc")),
         Vec::<PathBuf>::new(),
         "detach removes the link pins"
     );
@@ -260,7 +261,7 @@ fn nodeport_to_a_remote_backend_is_snated_to_the_node() {
         .attach(Some(&lab.node1.path()), &[EXTERNAL_INTERFACE])
         .expect("attach over the pinned links");
     assert_eq!(
-        pinned_files(&lab.bpffs.path().join("tc")).len(),
+        integration::files_under(&lab.bpffs.path().join("tc")).len(),
         2,
         "one link per direction"
     );
@@ -271,67 +272,6 @@ fn nodeport_to_a_remote_backend_is_snated_to_the_node() {
         "{reply:?}"
     );
     lab.datapath = Some(restarted);
-}
-
-/// A network namespace made with `ip netns add`, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(name: String) -> Netns {
-        ip(&["netns", "add", &name]);
-        let netns = Netns { name };
-        netns.ip(&["link", "set", "lo", "up"]);
-        netns
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-
-    fn enable_forwarding(&self) {
-        let status = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-c"])
-            .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
-            .status()
-            .expect("run ip netns exec");
-        assert!(
-            status.success(),
-            "enable forwarding in {}: {status}",
-            self.name
-        );
-    }
-
-    /// A veth pair from this namespace (`name`) to `peer_netns` (`peer_name`).
-    fn veth(&self, name: &str, peer_netns: &Netns, peer_name: &str) {
-        self.ip(&[
-            "link",
-            "add",
-            name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            peer_name,
-            "netns",
-            &peer_netns.name,
-        ]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// A bpffs instance mounted at a temporary directory, unmounted on drop.
@@ -415,7 +355,7 @@ impl Lab {
             } else {
                 EXTERNAL_INTERFACE
             };
-            netns.veth(interface, &lan, port);
+            netns.add_veth(interface, &lan, port);
             lan.ip(&["link", "set", port, "master", "lan", "up"]);
             netns.ip(&["addr", "add", &format!("{address}/24"), "dev", interface]);
             netns.ip(&["link", "set", interface, "up"]);
@@ -440,7 +380,7 @@ impl Lab {
             ]);
             node.ip(&["link", "set", "cbr0", "up"]);
             for (pod, address, host_side) in pods {
-                node.veth(host_side, pod, "eth0");
+                node.add_veth(host_side, pod, "eth0");
                 node.ip(&["link", "set", host_side, "master", "cbr0", "up"]);
                 pod.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
                 pod.ip(&["link", "set", "eth0", "up"]);
@@ -474,33 +414,10 @@ impl Lab {
     }
 }
 
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {} failed ({}): {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> std::io::Result<T> + Send) -> T {
     tc::in_netns(Some(&netns.path()), f)
-        .unwrap_or_else(|error| panic!("enter {}: {error}", netns.name))
-        .unwrap_or_else(|error| panic!("socket in {}: {error}", netns.name))
-}
-
-fn pinned_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.path().is_dir() {
-            files.extend(pinned_files(&entry.path()));
-        } else {
-            files.push(entry.path());
-        }
-    }
-    files
+        .unwrap_or_else(|error| panic!("enter {}: {error}", netns.name()))
+        .unwrap_or_else(|error| panic!("socket in {}: {error}", netns.name()))
 }
 
 /// The pinned maps, opened as agentctl or the programmer would.

@@ -1,7 +1,6 @@
 //! Pods run for real: the control plane, a private containerd with runc, and `skiff-agent`
 //! driven by kubectl. Each test starts its own of all three and cleans up everything.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration::oci_image::ImageBuilder;
@@ -70,7 +69,7 @@ impl Cluster {
 
     /// No address of the node's subnet is still reserved by IPAM.
     fn assert_no_ip_reservations(&self) {
-        let reservations: Vec<_> = walk(&self.node.state_dir.join("ipam"))
+        let reservations: Vec<_> = integration::files_under(&self.node.state_dir.join("ipam"))
             .into_iter()
             .filter(|p| {
                 p.file_name()
@@ -175,19 +174,6 @@ fn a_pod_runs_with_its_network_cgroup_and_logs_then_deletes_cleanly() {
     cluster.assert_no_ip_reservations();
     assert!(!log_path.exists(), "log of a deleted pod left behind");
     drop(cluster.containerd.ctr(&["containers", "list"]));
-}
-
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(walk(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
 }
 
 #[test]

@@ -13,11 +13,9 @@
 //! IPAM data lives in temp dirs.
 
 use std::collections::BTreeSet;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use integration::ControlPlane;
+use integration::netns::Netns;
 use serde_json::{Value, json};
 use skiff_agent::routes::{ROUTE_PROTOCOL, Routes, RoutesConfig};
 
@@ -33,68 +32,34 @@ fn require_root() {
     integration::require_tool("ip", "apt-get install -y iproute2");
 }
 
-fn random_u32() -> u32 {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    hasher.write_u32(std::process::id());
-    hasher.finish() as u32
+/// A namespace named `skiff-routes-<role>-<unique suffix>`, with only `lo`, up.
+fn empty_netns(role: &str) -> Netns {
+    Netns::new(&format!("skiff-routes-{role}"))
 }
 
-fn run(command: &mut Command) -> String {
-    let out = command.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A namespace with `veth0` up holding 192.0.2.1/24.
+fn node_netns() -> Netns {
+    let netns = empty_netns("node");
+    // The machine's kernel has no dummy links; a veth pair with both ends in the
+    // namespace gives the same connected /24.
+    netns.ip(&[
+        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+    ]);
+    netns.ip(&["addr", "add", "192.0.2.1/24", "dev", "veth0"]);
+    netns.ip(&["link", "set", "veth1", "up"]);
+    netns.ip(&["link", "set", "veth0", "up"]);
+    netns
 }
 
-/// A network namespace of the test's own, `ip netns add`ed with a random name; deleted on
-/// drop.
-struct Netns {
-    name: String,
+/// What these tests read from their namespaces.
+trait NetnsRoutes {
+    fn link_names(&self) -> BTreeSet<String>;
+    fn ipv4_forwarding(&self) -> String;
+    fn routes(&self) -> BTreeSet<String>;
+    fn wait_routes(&self, what: &str, expected: &[&str]);
 }
 
-impl Netns {
-    /// A namespace named `skiff-routes-<role>-<random>`, with only `lo`, up.
-    fn empty(role: &str) -> Netns {
-        let netns = Netns {
-            name: format!("skiff-routes-{role}-{:08x}", random_u32()),
-        };
-        run(Command::new("ip").args(["netns", "add", &netns.name]));
-        netns.ip(&["link", "set", "lo", "up"]);
-        netns
-    }
-
-    /// A namespace with `veth0` up holding 192.0.2.1/24.
-    fn new() -> Netns {
-        let netns = Netns::empty("node");
-        // The machine's kernel has no dummy links; a veth pair with both ends in the
-        // namespace gives the same connected /24.
-        netns.ip(&[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-        ]);
-        netns.ip(&["addr", "add", "192.0.2.1/24", "dev", "veth0"]);
-        netns.ip(&["link", "set", "veth1", "up"]);
-        netns.ip(&["link", "set", "veth0", "up"]);
-        netns
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// `ip -n <ns> <args>`.
-    fn ip(&self, args: &[&str]) -> String {
-        run(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
+impl NetnsRoutes for Netns {
     /// The names of the namespace's links.
     fn link_names(&self) -> BTreeSet<String> {
         let text = self.ip(&["-j", "link", "show"]);
@@ -109,15 +74,9 @@ impl Netns {
 
     /// The IPv4 forwarding switch of the namespace, read from inside it.
     fn ipv4_forwarding(&self) -> String {
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.name,
-            "cat",
-            "/proc/sys/net/ipv4/ip_forward",
-        ]))
-        .trim()
-        .to_owned()
+        self.shell("cat /proc/sys/net/ipv4/ip_forward")
+            .trim()
+            .to_owned()
     }
 
     /// Every IPv4 route of the main table but the link's own, as `dst via gw proto p`.
@@ -153,18 +112,10 @@ impl Netns {
             assert!(
                 Instant::now() < deadline,
                 "{what}: routes in {} are\n{routes:#?}\nexpected\n{expected:#?}",
-                self.name
+                self.name()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -265,7 +216,7 @@ fn set_internal_ip(plane: &ControlPlane, name: &str, internal_ip: &str) {
 fn routes_follow_nodes_and_only_the_agents_own_are_touched() {
     require_root();
     let p = ROUTE_PROTOCOL;
-    let netns = Netns::new();
+    let netns = node_netns();
     // A route the agent did not make, and one to a podCIDR a Node will claim: both stay.
     netns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.254"]);
     netns.ip(&[
@@ -456,19 +407,8 @@ impl Node {
         internal_ip: &'static str,
         pod_cidr: &'static str,
     ) -> Node {
-        let netns = Netns::empty(name);
-        lan.ip(&[
-            "link",
-            "add",
-            name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns.name,
-        ]);
+        let netns = empty_netns(name);
+        lan.add_veth(name, &netns, "eth0");
         lan.ip(&["link", "set", name, "master", "lan0", "up"]);
         netns.ip(&["addr", "add", &format!("{internal_ip}/24"), "dev", "eth0"]);
         netns.ip(&["link", "set", "eth0", "up"]);
@@ -521,7 +461,7 @@ impl Node {
         let plugin = integration::binary("skiff-cni");
         let plugin_dir = plugin.parent().expect("binary directory");
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.netns.name])
+            .args(["netns", "exec", self.netns.name()])
             .arg(&plugin)
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
@@ -557,7 +497,7 @@ impl Node {
 
     /// Attaches a new pod with CNI ADD and returns it with the address the plugin gave it.
     fn add_pod(&self, id: &'static str) -> Pod {
-        let netns = Netns::empty(id);
+        let netns = empty_netns(id);
         let result = self.cni("ADD", id, &netns);
         let address = result["ips"][0]["address"]
             .as_str()
@@ -598,7 +538,7 @@ fn pods_reach_each_other_across_nodes_through_the_agents_host_gw_routes() {
     require_root();
     let p = ROUTE_PROTOCOL;
     // The lan between the nodes: a bridge in a namespace of its own.
-    let lan = Netns::empty("lan");
+    let lan = empty_netns("lan");
     lan.ip(&["link", "add", "lan0", "type", "bridge"]);
     lan.ip(&["link", "set", "lan0", "up"]);
     let node_a = Node::new(&lan, "node-a", "192.0.2.1", "10.88.1.0/24");
