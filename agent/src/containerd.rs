@@ -8,11 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// gRPC status codes, for callers that tell a missing object from a failure.
+pub use containerd_client::tonic::Code;
 use containerd_client::tonic::metadata::AsciiMetadataValue;
 use containerd_client::tonic::service::Interceptor;
 use containerd_client::tonic::service::interceptor::InterceptedService;
 use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::{self, Code, Status};
+use containerd_client::tonic::{self, Status};
 
 pub use containerd_client::services::v1 as api;
 pub use containerd_client::types;
