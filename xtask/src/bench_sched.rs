@@ -44,6 +44,10 @@ pub struct SchedBenchArgs {
     /// Keeps the data directory (store, logs) for a look afterwards.
     #[arg(long)]
     keep: bool,
+    /// Runs this `skiff-control` instead of building the release binary, so that two builds
+    /// (a baseline and a change, say) can be measured back to back under the same load.
+    #[arg(long)]
+    binary: Option<PathBuf>,
 }
 
 const NAMESPACE: &str = "sched-bench";
@@ -189,7 +193,10 @@ async fn wait_bound(
 }
 
 pub fn run(args: &SchedBenchArgs) -> anyhow::Result<()> {
-    let executable = cluster::build_control_release()?;
+    let executable = match &args.binary {
+        Some(binary) => binary.clone(),
+        None => cluster::build_control_release()?,
+    };
     let temp = match &args.dir {
         Some(dir) => tempfile::Builder::new()
             .prefix("skiff-bench-sched-")

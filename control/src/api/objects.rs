@@ -173,10 +173,10 @@ fn parse_body(context: &Context) -> Result<Value, ApiError> {
     Ok(value)
 }
 
-/// Checks `apiVersion` and `kind` when the body gives them, and fills them in otherwise.
-fn check_type_meta(
+/// Checks `apiVersion` and `kind` when the object gives them.
+fn verify_type_meta(
     info: &ResourceInfo,
-    object: &mut Value,
+    object: &Value,
     expected_kind: &str,
     api_version: &str,
 ) -> Result<(), ApiError> {
@@ -188,6 +188,17 @@ fn check_type_meta(
             info.resource
         )));
     }
+    Ok(())
+}
+
+/// Checks `apiVersion` and `kind` when the body gives them, and fills them in otherwise.
+fn check_type_meta(
+    info: &ResourceInfo,
+    object: &mut Value,
+    expected_kind: &str,
+    api_version: &str,
+) -> Result<(), ApiError> {
+    verify_type_meta(info, object, expected_kind, api_version)?;
     object["kind"] = json!(expected_kind);
     object["apiVersion"] = json!(api_version);
     if !object["metadata"].is_object() {
@@ -198,24 +209,41 @@ fn check_type_meta(
 
 /// Lists fields of `input` that did not survive decoding into the kind's type.
 fn unknown_fields(input: &Value, output: &Value, path: &str, found: &mut Vec<String>) {
+    let mut path = path.to_string();
+    collect_unknown_fields(input, output, &mut path, found);
+}
+
+/// [`unknown_fields`] with one path buffer for the whole walk: a field's path is written
+/// into it as the walk descends and cut back on the way up, so that the common case (every
+/// field known) formats nothing.
+fn collect_unknown_fields(
+    input: &Value,
+    output: &Value,
+    path: &mut String,
+    found: &mut Vec<String>,
+) {
+    use std::fmt::Write as _;
+    let parent_len = path.len();
     match (input, output) {
         (Value::Object(input), Value::Object(output)) => {
             for (key, value) in input {
-                let field = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                match output.get(key) {
-                    Some(kept) => unknown_fields(value, kept, &field, found),
-                    None if value.is_null() => {}
-                    None => found.push(field),
+                if !path.is_empty() {
+                    path.push('.');
                 }
+                path.push_str(key);
+                match output.get(key) {
+                    Some(kept) => collect_unknown_fields(value, kept, path, found),
+                    None if value.is_null() => {}
+                    None => found.push(path.clone()),
+                }
+                path.truncate(parent_len);
             }
         }
         (Value::Array(input), Value::Array(output)) => {
             for (index, (value, kept)) in input.iter().zip(output).enumerate() {
-                unknown_fields(value, kept, &format!("{path}[{index}]"), found);
+                let _ = write!(path, "[{index}]");
+                collect_unknown_fields(value, kept, path, found);
+                path.truncate(parent_len);
             }
         }
         _ => {}
@@ -228,7 +256,7 @@ fn decode_typed(
     object: Value,
     mode: FieldValidation,
 ) -> Result<(Value, Vec<String>), ApiError> {
-    let decoded = (info.decode)(object.clone()).map_err(|e| {
+    let decoded = (info.decode)(&object).map_err(|e| {
         ApiError::bad_request(format!(
             "{} in version \"{}\" cannot be handled as a {}: {e}",
             info.kind, info.version, info.kind
@@ -806,7 +834,7 @@ impl ApiServer {
                 Change::Replace(body) => body.clone(),
                 Change::Patch { patch_type, patch } => {
                     let patched = apply_patch(info, &old, *patch_type, patch)?;
-                    check_type_meta(info, &mut patched.clone(), info.kind, &info.api_version())?;
+                    verify_type_meta(info, &patched, info.kind, &info.api_version())?;
                     decode_typed(info, patched, mode)?.0
                 }
                 Change::Scale(scale_change) => {

@@ -14,8 +14,9 @@ use k8s_openapi::api::{
 };
 
 /// Decodes a request body into the kind's typed struct and back, which is what
-/// kube-apiserver's decoding does to a body: wrong types fail, unknown fields vanish.
-pub type Decoder = fn(Value) -> Result<Value, serde_json::Error>;
+/// kube-apiserver's decoding does to a body: wrong types fail, unknown fields vanish. It
+/// reads the body in place: the caller keeps it to name the fields that vanished.
+pub type Decoder = fn(&Value) -> Result<Value, serde_json::Error>;
 
 pub type SchemaRegistrar = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
 
@@ -104,9 +105,9 @@ fn schema_of<T: schemars::JsonSchema>(
 }
 
 fn typed_round_trip<T: DeserializeOwned + Serialize>(
-    value: Value,
+    value: &Value,
 ) -> Result<Value, serde_json::Error> {
-    let typed: T = serde_json::from_value(value)?;
+    let typed = T::deserialize(value)?;
     serde_json::to_value(typed)
 }
 
@@ -406,11 +407,11 @@ mod tests {
     #[test]
     fn decoding_drops_unknown_fields_and_rejects_wrong_types() {
         let pods = lookup("", "v1", "pods").unwrap();
-        let decoded = (pods.decode)(serde_json::json!({
+        let decoded = (pods.decode)(&serde_json::json!({
             "metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "image": "i"}], "bogus": 1}
         }))
         .unwrap();
         assert!(decoded["spec"].get("bogus").is_none());
-        assert!((pods.decode)(serde_json::json!({"spec": {"containers": "nope"}})).is_err());
+        assert!((pods.decode)(&serde_json::json!({"spec": {"containers": "nope"}})).is_err());
     }
 }

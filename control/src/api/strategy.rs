@@ -80,16 +80,22 @@ pub(crate) fn prepare_for_update(info: &ResourceInfo, new: &mut Value, old: &Val
 
 /// A status write changes only `status`: everything else is the stored object's.
 pub(crate) fn prepare_for_status_update(new: &mut Value, old: &Value) {
-    let status = new.get("status").cloned();
-    *new = old.clone();
-    match status {
-        Some(status) => new["status"] = status,
-        None => {
-            if let Some(map) = new.as_object_mut() {
-                map.remove("status");
-            }
-        }
+    let status = new.as_object_mut().and_then(|map| map.remove("status"));
+    // The stored object but its status, which is about to be replaced: no copy of it.
+    let mut kept = match old {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .filter(|(key, _)| *key != "status")
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+        ),
+        other => other.clone(),
+    };
+    if let Some(status) = status {
+        kept["status"] = status;
     }
+    *new = kept;
 }
 
 /// Metadata that only the server sets: a client's copy of these is replaced by the stored

@@ -16,13 +16,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, PodSpec, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    self as core, Node, NodeSelectorRequirement, PodSpec, Taint, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt as _};
 use serde_json::json;
 
 use super::deployment::{scaled_value, template_hash};
+use super::pod::Pod;
 use super::runtime::{
     Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of,
     pod_availability, pod_is_active, pod_is_ready, seed_and_run_workers, selector_matches,
@@ -334,7 +337,7 @@ impl DaemonSetController {
             return Ok(());
         }
         let namespace = ds.namespace().unwrap_or_default();
-        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+        let pods_api: Api<core::Pod> = Api::namespaced(self.client.clone(), &namespace);
         let results = futures::future::join_all(nodes.iter().map(|node| {
             let pod = daemon_pod(ds, hash, node);
             let pods_api = pods_api.clone();
@@ -387,7 +390,7 @@ pub fn daemon_tolerations() -> Vec<Toleration> {
     ]
 }
 
-fn daemon_pod(ds: &DaemonSet, hash: &str, node: &str) -> Pod {
+fn daemon_pod(ds: &DaemonSet, hash: &str, node: &str) -> core::Pod {
     let template = ds
         .spec
         .as_ref()
@@ -407,7 +410,7 @@ fn daemon_pod(ds: &DaemonSet, hash: &str, node: &str) -> Pod {
             tolerations.push(toleration);
         }
     }
-    Pod {
+    core::Pod {
         metadata: ObjectMeta {
             generate_name: Some(format!("{}-", ds.name_any())),
             namespace: ds.namespace(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort as CoreEndpointPort, EndpointSubset, Endpoints, ObjectReference,
-    Pod, Service,
+    Service,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -24,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt as _};
 
+use super::pod::Pod;
 use super::runtime::{
     Cache, Queue, controller_reference, feed, is_not_found, key_of, map_selector_matches,
     pod_is_ready, seed_and_run_workers, split_key,
@@ -606,9 +607,8 @@ pub fn endpoints_subsets(service: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        Container, ContainerPort, PodCondition, PodSpec, PodStatus, ServicePort, ServiceSpec,
-    };
+    use crate::controllers::pod::{Container, PodCondition, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{ContainerPort, ServicePort, ServiceSpec};
 
     fn pod(name: &str, ip: &str, ready: bool, port_name: &str, port: i32) -> Arc<Pod> {
         Arc::new(Pod {
@@ -625,7 +625,6 @@ mod tests {
                         container_port: port,
                         ..ContainerPort::default()
                     }]),
-                    ..Container::default()
                 }],
                 ..PodSpec::default()
             }),

@@ -25,12 +25,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec, JobStatus};
-use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Pod};
+use k8s_openapi::api::core::v1::{self as core, EnvVar, EnvVarSource, ObjectFieldSelector};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PostParams, Preconditions, PropagationPolicy};
 use kube::{Client, ResourceExt as _};
 
 use super::expectations::PodExpectations;
+use super::pod::Pod;
 use super::runtime::{
     Cache, Queue, controller_of, controller_reference, feed, is_not_found, pod_is_ready,
     seed_and_run_workers, slow_start_batch, split_key,
@@ -592,7 +593,7 @@ fn pods_to_delete(pods: &[Arc<Pod>], count: usize) -> Vec<Arc<Pod>> {
 
 /// A new pod of `job`, from its template; `index` is its completion index in an Indexed Job.
 /// The API server picks the name from `<job>-` (`<job>-<index>-` when indexed).
-pub fn pod_for(job: &Job, index: Option<i64>) -> anyhow::Result<Pod> {
+pub fn pod_for(job: &Job, index: Option<i64>) -> anyhow::Result<core::Pod> {
     let template = job
         .spec
         .as_ref()
@@ -633,7 +634,7 @@ pub fn pod_for(job: &Job, index: Option<i64>) -> anyhow::Result<Pod> {
             }
         }
     }
-    Ok(Pod {
+    Ok(core::Pod {
         metadata: ObjectMeta {
             generate_name: Some(generate_name),
             namespace: job.namespace(),
@@ -791,8 +792,9 @@ impl JobController {
                 .map(|index| pod_for(job, *index))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let created = Mutex::new(Vec::new());
+            let create_api: Api<core::Pod> = Api::namespaced(self.client.clone(), &namespace);
             let (_, error) = slow_start_batch(pods.len(), 1, |i| {
-                let pods_api = pods_api.clone();
+                let pods_api = create_api.clone();
                 let pod = pods[i].clone();
                 let created = &created;
                 async move {
@@ -833,10 +835,10 @@ fn job_of_pod(pod: &Pod) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        Container, ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition,
-        PodSpec, PodStatus, PodTemplateSpec,
+    use crate::controllers::pod::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodSpec, PodStatus,
     };
+    use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 
     fn now() -> Timestamp {
         "2026-11-23T08:00:00Z".parse().unwrap()
@@ -859,14 +861,14 @@ mod tests {
                     labels: Some([("job-name".to_string(), "pi".to_string())].into()),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
+                spec: Some(core::PodSpec {
                     restart_policy: Some("Never".into()),
                     containers: vec![Container {
                         name: "main".into(),
                         image: Some("busybox".into()),
                         ..Container::default()
                     }],
-                    ..PodSpec::default()
+                    ..core::PodSpec::default()
                 }),
             },
             ..JobSpec::default()
@@ -895,9 +897,7 @@ mod tests {
             terminated: Some(ContainerStateTerminated {
                 exit_code: i32::from(phase == "Failed"),
                 finished_at: Some(at(finished_ago)),
-                ..ContainerStateTerminated::default()
             }),
-            ..ContainerState::default()
         });
         Arc::new(Pod {
             metadata: ObjectMeta {

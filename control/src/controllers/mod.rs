@@ -21,6 +21,7 @@ pub mod job;
 pub mod leader;
 pub mod namespace;
 pub mod node_lifecycle;
+pub mod pod;
 pub mod replicaset;
 pub mod runtime;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 
@@ -127,8 +128,7 @@ pub async fn run_workloads_with(
 /// The controllers themselves, without leader election.
 async fn run_controllers(client: kube::Client, options: WorkloadOptions) -> anyhow::Result<()> {
     let workers = options.workers;
-    let (pods, pods_task) =
-        Cache::<Pod>::with_transform(Api::all(client.clone()), runtime::slim_pod);
+    let (pods, pods_task) = Cache::<pod::Pod>::with_transform(Api::all(client.clone()), pod::slim);
     let (replicasets, replicasets_task) = Cache::<ReplicaSet>::new(Api::all(client.clone()));
     let (deployments, deployments_task) = Cache::<Deployment>::new(Api::all(client.clone()));
     let (daemonsets, daemonsets_task) = Cache::<DaemonSet>::new(Api::all(client.clone()));

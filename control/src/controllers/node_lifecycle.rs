@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Client, ResourceExt as _};
 use serde_json::json;
 
 use super::daemonset::tolerates;
+use super::pod::Pod;
 use super::runtime::{Cache, is_not_found};
 
 pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";

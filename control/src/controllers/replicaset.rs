@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt as _};
 use serde_json::json;
 
 use super::expectations::PodExpectations;
+use super::pod::Pod;
 use super::runtime::{
     Cache, Queue, adopt, controller_of, controller_reference, feed, is_not_found, key_of,
     pod_availability, pod_is_active, pod_is_ready, release, seed_and_run_workers, selector_matches,
@@ -148,8 +149,9 @@ impl ReplicaSetController {
             let count = (desired - owned.len()).min(BURST_REPLICAS);
             let pod = pod_from_template(rs).context("build pod from template")?;
             let created = Mutex::new(Vec::new());
+            let create_api: Api<core::Pod> = Api::namespaced(self.client.clone(), &namespace);
             let (_, error) = slow_start_batch(count, 1, |_| {
-                let pods_api = pods_api.clone();
+                let pods_api = create_api.clone();
                 let pod = pod.clone();
                 let created = &created;
                 async move {
@@ -299,14 +301,14 @@ fn replicasets_for_pod(replicasets: &Cache<ReplicaSet>, pod: &Pod) -> Vec<String
 }
 
 /// A new pod for `rs`, from its template (the API server picks the name).
-pub fn pod_from_template(rs: &ReplicaSet) -> anyhow::Result<Pod> {
+pub fn pod_from_template(rs: &ReplicaSet) -> anyhow::Result<core::Pod> {
     let template = rs
         .spec
         .as_ref()
         .and_then(|s| s.template.clone())
         .context("replicaset has no pod template")?;
     let template_meta = template.metadata.unwrap_or_default();
-    Ok(Pod {
+    Ok(core::Pod {
         metadata: ObjectMeta {
             generate_name: Some(format!("{}-", rs.name_any())),
             namespace: rs.namespace(),
@@ -386,7 +388,7 @@ pub fn template_labels(rs: &ReplicaSet) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodSpec, PodStatus};
+    use crate::controllers::pod::{PodCondition, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn pod(name: &str, node: Option<&str>, phase: &str, ready: bool, created: i64) -> Arc<Pod> {

@@ -22,6 +22,8 @@ use kube::{Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc};
 
+use super::pod::Pod;
+
 /// What a cache tells its subscribers.
 #[derive(Debug)]
 pub enum Change<K> {
@@ -59,7 +61,7 @@ where
 
     /// A cache of what `api` serves, each object trimmed by `transform` as it arrives,
     /// before it is cached or handed to subscribers (client-go's `SetTransform`): the cache
-    /// then holds only the fields its readers read. See [`slim_pod`].
+    /// then holds only the fields its readers read. See [`super::pod`].
     pub fn with_transform(
         api: Api<K>,
         transform: fn(&mut K),
@@ -485,122 +487,13 @@ where
     (done, None)
 }
 
-/// The annotation `kubectl apply` keeps a whole copy of the applied object in.
-const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Trims a pod to what the controllers read, for the shared pod cache
-/// ([`Cache::with_transform`]): metadata without `managedFields` and the last-applied
-/// copy; of the spec only `nodeName`, `tolerations`, `restartPolicy`, `hostname`,
-/// `subdomain` and the containers' ports; of the status the phase, the pod IP, the
-/// conditions' type, status and transition time, and of each container's status its name,
-/// readiness, restart count and finish time. Images, commands, environment, resources,
-/// probes, mounts and volumes were two thirds of a cached pod and no controller reads them;
-/// a controller that comes to read another field adds it here.
-///
-/// The ports of all containers are kept in order in one container named after the first
-/// (none if no container has ports): a `k8s-openapi` `Container` is about 3 kB even when
-/// empty, and the ports are read only to resolve a Service's named `targetPort`, which
-/// looks through every container's ports in order.
-pub fn slim_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
-    use k8s_openapi::api::core::v1::{Container, PodSpec};
-    pod.metadata.managed_fields = None;
-    if let Some(annotations) = &mut pod.metadata.annotations {
-        annotations.remove(LAST_APPLIED_ANNOTATION);
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(slim_pod_status(status));
-    }
-    let Some(spec) = pod.spec.take() else {
-        return;
-    };
-    let first_name = spec
-        .containers
-        .first()
-        .map(|container| container.name.clone())
-        .unwrap_or_default();
-    let ports: Vec<_> = spec
-        .containers
-        .into_iter()
-        .flat_map(|container| container.ports.unwrap_or_default())
-        .collect();
-    let containers = if ports.is_empty() {
-        Vec::new()
-    } else {
-        vec![Container {
-            name: first_name,
-            ports: Some(ports),
-            ..Container::default()
-        }]
-    };
-    pod.spec = Some(PodSpec {
-        containers,
-        node_name: spec.node_name,
-        tolerations: spec.tolerations,
-        restart_policy: spec.restart_policy,
-        hostname: spec.hostname,
-        subdomain: spec.subdomain,
-        ..PodSpec::default()
-    });
-}
-
-/// The part of a pod's status [`slim_pod`] keeps.
-fn slim_pod_status(
-    status: k8s_openapi::api::core::v1::PodStatus,
-) -> k8s_openapi::api::core::v1::PodStatus {
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
-    };
-    let slim_containers = |statuses: Option<Vec<ContainerStatus>>| {
-        statuses.map(|statuses| {
-            statuses
-                .into_iter()
-                .map(|container| ContainerStatus {
-                    name: container.name,
-                    ready: container.ready,
-                    restart_count: container.restart_count,
-                    state: container
-                        .state
-                        .and_then(|state| state.terminated)
-                        .map(|terminated| ContainerState {
-                            terminated: Some(ContainerStateTerminated {
-                                exit_code: terminated.exit_code,
-                                finished_at: terminated.finished_at,
-                                ..ContainerStateTerminated::default()
-                            }),
-                            ..ContainerState::default()
-                        }),
-                    ..ContainerStatus::default()
-                })
-                .collect()
-        })
-    };
-    PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        conditions: status.conditions.map(|conditions| {
-            conditions
-                .into_iter()
-                .map(|condition| PodCondition {
-                    type_: condition.type_,
-                    status: condition.status,
-                    last_transition_time: condition.last_transition_time,
-                    ..PodCondition::default()
-                })
-                .collect()
-        }),
-        container_statuses: slim_containers(status.container_statuses),
-        init_container_statuses: slim_containers(status.init_container_statuses),
-        ..PodStatus::default()
-    }
-}
-
 /// Whether a pod's Ready condition is True.
-pub fn pod_is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+pub fn pod_is_ready(pod: &Pod) -> bool {
     ready_since(pod).is_some()
 }
 
 /// When a pod became Ready, if it is.
-pub fn ready_since(pod: &k8s_openapi::api::core::v1::Pod) -> Option<jiff::Timestamp> {
+pub fn ready_since(pod: &Pod) -> Option<jiff::Timestamp> {
     let conditions = pod.status.as_ref()?.conditions.as_ref()?;
     let ready = conditions.iter().find(|c| c.type_ == "Ready")?;
     if ready.status != "True" {
@@ -618,7 +511,7 @@ pub fn ready_since(pod: &k8s_openapi::api::core::v1::Pod) -> Option<jiff::Timest
 /// Whether a pod counts as available after `min_ready_seconds`, and if not yet but Ready,
 /// how long until it does.
 pub fn pod_availability(
-    pod: &k8s_openapi::api::core::v1::Pod,
+    pod: &Pod,
     min_ready_seconds: i32,
     now: jiff::Timestamp,
 ) -> (bool, Option<Duration>) {
@@ -638,7 +531,7 @@ pub fn pod_availability(
 }
 
 /// Whether a pod is still running or may run (not terminal, not being deleted).
-pub fn pod_is_active(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+pub fn pod_is_active(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     pod.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Succeeded" | "Failed"))
 }
@@ -766,73 +659,6 @@ mod tests {
         };
         assert!(selector_matches(&selector, &labels));
         assert!(!selector_matches(&selector, &BTreeMap::new()));
-    }
-
-    #[test]
-    fn slim_pods_keep_what_controllers_read() {
-        use k8s_openapi::api::core::v1::Pod;
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-1", "namespace": "default", "uid": "u1",
-                "labels": {"app": "web"},
-                "annotations": {LAST_APPLIED_ANNOTATION: "{}", "keep": "me"},
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                    "name": "web", "uid": "rs", "controller": true}],
-                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
-            },
-            "spec": {
-                "nodeName": "n1",
-                "tolerations": [{"key": "k", "operator": "Exists"}],
-                "containers": [
-                    {"name": "web", "image": "web:1", "env": [{"name": "A", "value": "1"}],
-                     "ports": [{"name": "http", "containerPort": 8080}]},
-                    {"name": "sidecar", "image": "log:1"},
-                    {"name": "metrics", "ports": [{"name": "metrics", "containerPort": 9090}]}
-                ],
-                "volumes": [{"name": "cache", "emptyDir": {}}]
-            },
-            "status": {"phase": "Running", "podIP": "10.0.0.1", "qosClass": "BestEffort",
-                "conditions": [{"type": "Ready", "status": "True", "message": "m",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-                "containerStatuses": [{"name": "web", "image": "web:1", "imageID": "sha256:1",
-                    "ready": true, "restartCount": 2,
-                    "state": {"terminated": {"exitCode": 1, "reason": "Error",
-                        "finishedAt": "2026-01-01T00:00:01Z"}},
-                    "lastState": {"terminated": {"exitCode": 1}}}]}
-        }))
-        .unwrap();
-        let status: k8s_openapi::api::core::v1::PodStatus =
-            serde_json::from_value(serde_json::json!({
-                "phase": "Running", "podIP": "10.0.0.1",
-                "conditions": [{"type": "Ready", "status": "True",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-                "containerStatuses": [{"name": "web", "image": "", "imageID": "",
-                    "ready": true, "restartCount": 2,
-                    "state": {"terminated": {"exitCode": 1,
-                        "finishedAt": "2026-01-01T00:00:01Z"}}}]
-            }))
-            .unwrap();
-        slim_pod(&mut pod);
-        assert!(pod.metadata.managed_fields.is_none());
-        let annotations = pod.metadata.annotations.as_ref().unwrap();
-        assert_eq!(annotations.len(), 1);
-        assert_eq!(annotations["keep"], "me");
-        assert!(controller_of(&pod).is_some());
-        assert_eq!(pod.status, Some(status));
-        let spec = pod.spec.as_ref().unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some("n1"));
-        assert_eq!(spec.tolerations.as_ref().unwrap().len(), 1);
-        assert!(spec.volumes.is_none());
-        assert_eq!(spec.containers.len(), 1);
-        assert_eq!(spec.containers[0].name, "web");
-        assert!(spec.containers[0].image.is_none());
-        let ports: Vec<_> = spec.containers[0]
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
-            .collect();
-        assert_eq!(ports, [("http", 8080), ("metrics", 9090)]);
     }
 
     #[tokio::test]

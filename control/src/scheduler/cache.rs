@@ -9,10 +9,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::quantity;
+use super::watched::WatchedPod;
 
 /// The scheduler name pods get by default; pods naming another scheduler are left alone.
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
@@ -192,7 +193,7 @@ impl PodInfo {
             && self.scheduler_name == DEFAULT_SCHEDULER
     }
 
-    pub fn from_pod(pod: &Pod) -> Self {
+    pub fn from_pod(pod: &WatchedPod) -> Self {
         let metadata = &pod.metadata;
         let spec = pod.spec.as_ref();
         let mut requests = Resources::default();
@@ -699,7 +700,7 @@ mod tests {
     use serde_json::json;
 
     fn pod(name: &str, node: Option<&str>) -> PodInfo {
-        let pod: Pod = serde_json::from_value(json!({
+        let pod: WatchedPod = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")},
             "spec": {
                 "nodeName": node,
@@ -771,7 +772,7 @@ mod tests {
 
     #[test]
     fn requests_add_containers_and_take_the_largest_init_container() {
-        let pod: Pod = serde_json::from_value(json!({
+        let pod: WatchedPod = serde_json::from_value(json!({
             "metadata": {"name": "p", "namespace": "default"},
             "spec": {
                 "containers": [

@@ -19,6 +19,7 @@ pub mod filters;
 pub mod quantity;
 pub mod scores;
 pub mod select;
+pub mod watched;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -38,6 +39,7 @@ use tokio::time::Instant;
 use crate::controllers::runtime::{Queue, run_workers};
 use cache::{Cache, Change, NodeInfo, PodInfo, PodKey};
 use select::{Decision, Selector};
+use watched::WatchedPod;
 
 /// Binding requests sent and not yet answered, at most.
 pub const MAX_BINDS_IN_FLIGHT: usize = 256;
@@ -63,9 +65,14 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     let mut node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut pod_events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    // Pods are decoded into the scheduler's slim form: most pod events are status writes
+    // whose contents the scheduler never reads.
+    let mut pod_events = watcher(
+        Api::<WatchedPod>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
     let (done_sender, mut done_receiver) = mpsc::unbounded_channel();
     let reports = Reports::default();
     // Dropped with this future: a scheduler that loses its Lease stops reporting too.
@@ -117,7 +124,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
 )]
 enum Turn {
     Node(watcher::Event<Node>),
-    Pod(watcher::Event<Pod>),
+    Pod(watcher::Event<WatchedPod>),
     BindDone(BindDone),
     Backoff,
     Schedule,
@@ -282,7 +289,7 @@ impl Scheduler {
         }
     }
 
-    fn on_pod_event(&mut self, event: watcher::Event<Pod>) {
+    fn on_pod_event(&mut self, event: watcher::Event<WatchedPod>) {
         match event {
             watcher::Event::Init => self.relisted_pods = Some(HashSet::new()),
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
