@@ -177,6 +177,32 @@ fn bpftool(args: &[&str], path: &Path) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The pinned maps carry BTF, so `bpftool map dump` shows named fields and agentctl can
+/// describe them while the agent is down.
+#[test]
+fn the_pinned_maps_carry_btf() {
+    integration::require_root("the load balancer tests load BPF programs");
+    integration::require_tool("bpftool", "apt-get install bpftool");
+    let bpffs = TestBpffs::new();
+    let _datapath = Datapath::load(bpffs.path(), &sizes()).expect("load the socket programs");
+    for map in [
+        skiff_ebpf::lb::SERVICES_MAP,
+        skiff_ebpf::lb::BACKENDS_MAP,
+        skiff_ebpf::lb::REVNAT_MAP,
+        skiff_ebpf::lb::AFFINITY_MAP,
+        skiff_ebpf::lb::BACKEND_STATS_MAP,
+        skiff_ebpf::lb::NAMES_MAP,
+    ] {
+        let shown = bpftool(&["-j", "map", "show", "pinned"], &bpffs.path().join(map));
+        let shown: serde_json::Value = serde_json::from_str(&shown)
+            .unwrap_or_else(|error| panic!("bpftool map show {map}: {error}: {shown:?}"));
+        assert!(
+            shown["btf_id"].as_u64().is_some_and(|id| id > 0),
+            "{map} has no BTF: {shown}"
+        );
+    }
+}
+
 fn backend_of(exchange: &Exchange) -> &str {
     match exchange {
         Exchange::Reply { backend, .. } => backend,
@@ -249,6 +275,7 @@ fn a_removed_backend_gets_no_new_connections_while_its_open_ones_keep_working() 
 fn client_ip_affinity_sticks_and_a_service_without_endpoints_refuses() {
     let mut setup = Setup::new(3);
     let sticky = SocketAddr::from((SERVICE_IP, 80));
+    let sticky_udp = SocketAddr::from((SERVICE_IP, 53));
     let empty = SocketAddr::from((SERVICE_IP, 81));
     let mut affine = frontend(SERVICE_IP, 80, Proto::Tcp, "sticky", &[1, 2, 3]);
     affine.affinity_timeout = Some(10_800);
@@ -256,6 +283,7 @@ fn client_ip_affinity_sticks_and_a_service_without_endpoints_refuses() {
         .programmer
         .apply_all(vec![
             affine,
+            frontend(SERVICE_IP, 53, Proto::Udp, "sticky", &[1, 2, 3]),
             frontend(SERVICE_IP, 81, Proto::Tcp, "empty", &[]),
         ])
         .expect("program the services");
@@ -265,11 +293,47 @@ fn client_ip_affinity_sticks_and_a_service_without_endpoints_refuses() {
         1,
         "ClientIP affinity must keep one backend: {counts:?}"
     );
-    // UDP from the same client follows its own frontend's affinity (none here): spread.
+    // Affinity belongs to a frontend: UDP from the same client to a frontend without it
+    // still reaches every backend.
+    let udp = spread(&setup.client(sticky_udp, "udp", 90), sticky_udp);
+    assert_eq!(udp.len(), 3, "UDP has no affinity here: {udp:?}");
     let refused = setup.client(empty, "tcp", 1);
     assert!(
         matches!(&refused[0], Exchange::Error(error) if error.contains("not permitted") || error.contains("refused")),
         "{refused:?}"
+    );
+}
+
+/// `timeoutSeconds: 1`: connections in quick succession stay on one backend; once the
+/// client has been idle past the timeout, its next connection is a fresh random choice, so
+/// over several idle periods the client lands on more than one backend.
+#[test]
+fn client_ip_affinity_expires_after_its_timeout() {
+    let mut setup = Setup::new(3);
+    let sticky = SocketAddr::from((SERVICE_IP, 80));
+    let mut affine = frontend(SERVICE_IP, 80, Proto::Tcp, "sticky", &[1, 2, 3]);
+    affine.affinity_timeout = Some(1);
+    setup
+        .programmer
+        .apply_all(vec![affine])
+        .expect("program the service");
+    // With 3 backends, 10 idle periods all ending on the same backend has a probability
+    // of 3 x (1/3)^10, about 1 in 20 000.
+    let mut chosen = std::collections::BTreeSet::new();
+    for period in 0..10 {
+        let counts = spread(&setup.client(sticky, "tcp", 10), sticky);
+        assert_eq!(
+            counts.len(),
+            1,
+            "within the timeout the affinity holds (period {period}): {counts:?}"
+        );
+        chosen.extend(counts.into_keys());
+        // Idle for longer than the timeout (and than the kernel clock's granularity).
+        std::thread::sleep(Duration::from_millis(1_500));
+    }
+    assert!(
+        chosen.len() > 1,
+        "an expired affinity must let the client reach another backend: {chosen:?}"
     );
 }
 

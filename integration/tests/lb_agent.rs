@@ -262,6 +262,108 @@ fn services_through_the_agent_follow_endpoint_slices_and_survive_its_kill() {
     let explained = agentctl_ok(&node, &plane, &["explain", "service", "default/web"]);
     assert!(explained.contains("In sync"), "{explained}");
 
+    // With the agent down, the slice changes (b2 out, b3 back): the maps keep the old
+    // backends, and explain names each difference for each frontend of the Service.
+    node.kill();
+    let applied = plane.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &slice_manifest(&[backends[0], backends[2]]),
+    );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let explained: Value = serde_json::from_str(&agentctl_ok(
+        &node,
+        &plane,
+        &["explain", "service", "default/web", "-o", "json"],
+    ))
+    .expect("agentctl explain JSON");
+    let differences: Vec<(String, String)> = explained["differences"]
+        .as_array()
+        .expect("a list of differences")
+        .iter()
+        .map(|difference| {
+            let field = |name: &str| {
+                difference[name]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("difference without {name}: {difference}"))
+                    .to_owned()
+            };
+            (field("frontend"), field("what"))
+        })
+        .collect();
+    let mut expected = Vec::new();
+    for frontend in [
+        format!("{http}/TCP internal"),
+        format!("{dns}/UDP internal"),
+    ] {
+        expected.push((
+            frontend.clone(),
+            format!("backend {}:8080 missing from the maps", backends[2]),
+        ));
+        expected.push((
+            frontend,
+            format!(
+                "backend {}:8080 in the maps but not in the API",
+                backends[1]
+            ),
+        ));
+    }
+    let mut sorted = differences.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "{explained:#}");
+    let listed: Value =
+        serde_json::from_str(&agentctl_ok(&node, &plane, &["lb", "list", "-o", "json"]))
+            .expect("agentctl lb list JSON");
+    let web: Vec<&Value> = listed["frontends"]
+        .as_array()
+        .expect("a list of frontends")
+        .iter()
+        .filter(|frontend| frontend["namespace"] == "default" && frontend["service"] == "web")
+        .collect();
+    assert_eq!(web.len(), 2, "{listed:#}");
+    for frontend in web {
+        let mut held: Vec<&str> = frontend["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|backend| backend["address"].as_str().expect("an address"))
+            .collect();
+        held.sort_unstable();
+        assert_eq!(
+            held,
+            [backends[0].to_string(), backends[1].to_string()],
+            "the maps are untouched while the agent is down: {frontend:#}"
+        );
+    }
+    assert!(
+        listed["services_map"]["max_entries"].as_u64().is_some(),
+        "{listed:#}"
+    );
+    // The restarted agent catches up with the change it missed.
+    node.restart(&plane);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let explained = agentctl_ok(&node, &plane, &["explain", "service", "default/web"]);
+        if explained.contains("In sync") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never applied the change: {explained}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen = backends_seen(&client(http, "tcp", 200), http);
+    assert_eq!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["b1", "b3"],
+        "{seen:?}"
+    );
+
     // The Service goes: its frontends go.
     plane.kubectl(&["delete", "service", "web"]);
     let deadline = Instant::now() + Duration::from_secs(10);

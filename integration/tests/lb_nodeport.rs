@@ -1,4 +1,5 @@
-//! NodePorts reached from outside the node, through the tc programs (`tc.o`) that
+//! NodePorts, externalIPs and LoadBalancer ingress IPs reached from outside the node,
+//! through the tc programs (`tc.o`) that
 //! `skiff_agent::lb::tc` attaches to the node's external interface. Root only.
 //!
 //! Each test builds its own lab of network namespaces with unique names, and mounts its
@@ -32,7 +33,7 @@ use skiff_agent::lb::tc::{self, TcDatapath};
 use skiff_ebpf::lb::{
     BACKEND_LOCAL, BACKEND_STATS_MAP, BACKENDS_MAP, CT_DIR_ORIGINAL, CT_F_SNAT, CT_MAP, Ct4Key,
     Ct4Value, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend, Lb4Key, Lb4Service, LbBackendStats,
-    SCOPE_EXTERNAL, SERVICES_MAP, SVC_LOCAL, SVC_NODEPORT,
+    SCOPE_EXTERNAL, SERVICES_MAP, SVC_EXTERNAL_IP, SVC_LOCAL, SVC_NODEPORT,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
@@ -44,6 +45,10 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 const POD_PORT: u16 = 8080;
+/// An externalIP and a LoadBalancer ingress IP: addresses of no interface, which the
+/// client reaches through a route via node1, as a router or cloud LB would send them.
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 10);
+const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 20);
 const EXTERNAL_INTERFACE: &str = "ext0";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -272,6 +277,108 @@ fn nodeport_to_a_remote_backend_is_snated_to_the_node() {
         "{reply:?}"
     );
     lab.datapath = Some(restarted);
+}
+
+/// externalIPs and LoadBalancer ingress IPs are no address of node1: the programmer marks
+/// them `SVC_EXTERNAL_IP` (not `SVC_NODEPORT`), so under policy Cluster the tc program
+/// finds the SNAT source with `bpf_fib_lookup` towards the backend instead of reusing the
+/// frontend address. Both kinds are tried under both policies, over TCP and UDP: a remote
+/// backend sees node1's address (Cluster), a local one sees the client (Local), and the
+/// client's replies come from the address it targeted.
+#[test]
+fn external_and_load_balancer_ips_from_outside_are_snated_or_keep_the_client() {
+    require_root("the externalIP test creates network namespaces and mounts a bpffs");
+    let mut lab = Lab::build();
+    lab.client
+        .ip(&["route", "add", "10.98.0.0/24", "via", &NODE1.to_string()]);
+    let mut maps = LbMaps::open(lab.bpffs.path());
+    // (frontend, policy Local, backend, the backend's name, the address the backend sees)
+    let cases = [
+        (EXTERNAL_IP, false, POD_C, "pod-c", NODE1),
+        (LOAD_BALANCER_IP, false, POD_C, "pod-c", NODE1),
+        (EXTERNAL_IP, true, POD_A, "pod-a", CLIENT),
+        (LOAD_BALANCER_IP, true, POD_B, "pod-b", CLIENT),
+    ];
+    for (index, &(address, local_policy, backend, _, _)) in (0u16..).zip(&cases) {
+        // Cluster frontends on port 80, Local ones on port 81.
+        let port = if local_policy { 81 } else { 80 };
+        let (svc_flags, backend_flags) = if local_policy {
+            (SVC_EXTERNAL_IP | SVC_LOCAL, BACKEND_LOCAL)
+        } else {
+            (SVC_EXTERNAL_IP, 0)
+        };
+        for (proto_index, proto) in (0u16..).zip([IPPROTO_TCP, IPPROTO_UDP]) {
+            let rev_nat_index = 1 + index * 2 + proto_index;
+            maps.add_frontend(
+                Lb4Key::new(address, port, proto, SCOPE_EXTERNAL, 0),
+                svc_flags,
+                rev_nat_index,
+                &[(
+                    100 + u32::from(rev_nat_index),
+                    Lb4Backend::new(backend, POD_PORT, proto, backend_flags),
+                )],
+            );
+        }
+    }
+    for (pod, name) in [
+        (&lab.pod_a, "pod-a"),
+        (&lab.pod_b, "pod-b"),
+        (&lab.pod_c, "pod-c"),
+    ] {
+        let servers = [tcp_server(pod, name), udp_server(pod, name)];
+        lab.servers.extend(servers);
+    }
+
+    for &(address, local_policy, backend, name, peer) in &cases {
+        let port = if local_policy { 81 } else { 80 };
+        let frontend = SocketAddrV4::new(address, port);
+        let what = format!(
+            "{frontend} under policy {}",
+            if local_policy { "Local" } else { "Cluster" }
+        );
+        let mut conversation = Conversation::open(&lab.client, frontend);
+        assert_eq!(
+            conversation.stream.peer_addr().expect("peer address"),
+            frontend.into(),
+            "{what}"
+        );
+        for line in ["one", "two"] {
+            let reply = conversation.say(line);
+            assert_eq!(
+                (reply.backend.as_str(), reply.peer, reply.echo.as_str()),
+                (name, peer, line),
+                "{what}: {reply:?}"
+            );
+        }
+        let client_port = conversation
+            .stream
+            .local_addr()
+            .expect("TCP socket address")
+            .port();
+        let flow = maps.ct_original((CLIENT, client_port), (address, port), IPPROTO_TCP);
+        assert_eq!(flow.destination(), (backend, POD_PORT), "{what}: {flow:?}");
+        if local_policy {
+            assert_eq!(flow.flags & CT_F_SNAT, 0, "{what}: {flow:?}");
+            assert_eq!(flow.source(), (CLIENT, client_port), "{what}: {flow:?}");
+        } else {
+            assert_eq!(flow.flags & CT_F_SNAT, CT_F_SNAT, "{what}: {flow:?}");
+            assert_eq!(
+                flow.source().0,
+                NODE1,
+                "{what}: the SNAT source is node1's address on the route to the backend"
+            );
+        }
+        drop(conversation);
+
+        // udp_exchange asserts that the reply comes from the frontend address.
+        let socket = in_netns(&lab.client, || UdpSocket::bind((CLIENT, 0)));
+        let reply = udp_exchange(&socket, frontend, "datagram");
+        assert_eq!(
+            (reply.backend.as_str(), reply.peer),
+            (name, peer),
+            "{what}, UDP: {reply:?}"
+        );
+    }
 }
 
 /// A bpffs instance mounted at a temporary directory, unmounted on drop.
