@@ -183,6 +183,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     node::renew_lease(&client, &node_name).await?;
     tracing::info!(node = %node_name, ip = %node_ip, "node registered");
     node::record_start(&events, runtime.unenforced_limits());
+    // Registered, serving the node API, and the pod manager below adopts the pods already
+    // on the machine: `systemctl start` returns from here on (`Type=notify`).
+    notify_systemd_ready();
 
     let lease = tokio::spawn(node::keep_lease(
         client.clone(),
@@ -348,11 +351,83 @@ fn nodeport_interfaces(flag: &str, node_ip: IpAddr) -> anyhow::Result<Vec<String
     }
 }
 
+/// Sends `READY=1` to systemd when it started this process as a `Type=notify` service (the
+/// `NOTIFY_SOCKET` variable names its socket); does nothing otherwise.
+pub fn notify_systemd_ready() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    match notify_systemd(&socket, "READY=1") {
+        Ok(()) => tracing::info!("told systemd the agent is ready"),
+        Err(error) => tracing::warn!(
+            %error,
+            socket = %socket.to_string_lossy(),
+            "tell systemd the agent is ready"
+        ),
+    }
+}
+
+/// Sends `message` as one datagram to the notification socket `socket`: a path, or an
+/// abstract name when it starts with `@` (sd_notify(3)).
+fn notify_systemd(socket: &std::ffi::OsStr, message: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    let address = match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(socket)?,
+    };
+    let sender = UnixDatagram::unbound()?;
+    sender.send_to_addr(message.as_bytes(), &address)?;
+    Ok(())
+}
+
 async fn sigterm() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut signal) => {
             signal.recv().await;
         }
         Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    use super::*;
+
+    fn received(socket: &UnixDatagram) -> String {
+        let mut buffer = [0u8; 64];
+        let len = socket.recv(&mut buffer).unwrap();
+        String::from_utf8_lossy(&buffer[..len]).into_owned()
+    }
+
+    #[test]
+    fn readiness_reaches_a_notification_socket_at_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).unwrap();
+        notify_systemd(path.as_os_str(), "READY=1").unwrap();
+        assert_eq!(received(&systemd), "READY=1");
+    }
+
+    #[test]
+    fn readiness_reaches_an_abstract_notification_socket() {
+        let name = format!("skiff-notify-test-{}", uuid::Uuid::new_v4());
+        let systemd =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
+        notify_systemd(std::ffi::OsStr::new(&format!("@{name}")), "READY=1").unwrap();
+        assert_eq!(received(&systemd), "READY=1");
+    }
+
+    #[test]
+    fn a_missing_notification_socket_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = notify_systemd(dir.path().join("absent").as_os_str(), "READY=1").unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
     }
 }

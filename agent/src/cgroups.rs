@@ -11,6 +11,9 @@
 //! kubepods/besteffort/pod<uid>/<container>
 //! ```
 //!
+//! Under systemd the subtree is a cgroup systemd delegated (`systemd.rs`): the pods unit's,
+//! `system.slice/skiff-pods.service`, whose own process waits in its `holder` leaf.
+//!
 //! The manager enables `cpu`, `memory` and `pids` along that tree where the hierarchy
 //! offers them. Whatever it cannot enable (a hybrid host whose v1 hierarchies hold those
 //! controllers, a parent that keeps them to itself) becomes a list of [`Unenforced`]
@@ -30,6 +33,7 @@ mod fs;
 mod manager;
 mod mount;
 mod resources;
+mod systemd;
 mod usage;
 
 pub use error::CgroupError;
@@ -45,5 +49,9 @@ pub use resources::{
     PodResources, QosClass, ResourceOptions, Setting, burstable_tier_shares, compute_pod_qos,
     container_resources, memory_high, milli_cpu_to_quota, milli_cpu_to_shares, pod_qos,
     pod_resources, shares_to_weight,
+};
+pub use systemd::{
+    AGENT_LEAF, DelegatedSubtree, HOLDER_LEAF, PODS_UNIT, enter_leaf, find_delegated_subtree,
+    own_delegated_cgroup,
 };
 pub use usage::{CpuStat, MemoryEvents, Usage, parse_cpu_stat, parse_memory_events};

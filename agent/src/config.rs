@@ -36,8 +36,10 @@ pub struct AgentConfig {
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
 
-    /// The agent's cgroup subtree, relative to the cgroup2 mount (default: the cgroup the
-    /// agent runs in, which under systemd with Delegate=yes is the unit's own).
+    /// The agent's cgroup subtree, relative to the cgroup2 mount. Default: under systemd,
+    /// the cgroup delegated to `skiff-pods.service` beside the agent's unit (or the agent's
+    /// own unit cgroup when that is delegated: the agent then moves into its `agent` leaf);
+    /// elsewhere the cgroup the agent runs in.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
     /// The pids limit of each pod (default: unlimited).

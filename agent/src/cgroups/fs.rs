@@ -1,5 +1,5 @@
-//! The seam between the manager and the kernel: every cgroupfs read, write, mkdir, rmdir
-//! and signal goes through [`CgroupFs`]. [`HostFs`] is the real thing; the tests'
+//! The seam between the manager and the kernel: every cgroupfs read, write, mkdir, rmdir,
+//! extended attribute and signal goes through [`CgroupFs`]. [`HostFs`] is the real thing; the tests'
 //! `FakeCgroupFs` keeps a tempdir laid out as the kernel lays out a cgroup2 hierarchy.
 
 use std::fmt;
@@ -23,6 +23,9 @@ pub(crate) trait CgroupFs: Send + Sync + fmt::Debug {
     fn exists(&self, path: &Path) -> bool;
     /// Sends SIGKILL to `pid`.
     fn kill(&self, pid: i32) -> io::Result<()>;
+    /// The extended attribute `name` of the cgroup directory `path`, `None` when it has
+    /// none (systemd marks the cgroups it delegates with `trusted.delegate`).
+    fn xattr(&self, path: &Path, name: &str) -> io::Result<Option<Vec<u8>>>;
 }
 
 /// The host's cgroupfs through `std::fs` and `kill(2)`.
@@ -74,6 +77,16 @@ impl CgroupFs for HostFs {
             nix::sys::signal::Signal::SIGKILL,
         )
         .map_err(io::Error::from)
+    }
+
+    fn xattr(&self, path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+        let mut value = [0u8; 64];
+        match rustix::fs::getxattr(path, name, &mut value[..]) {
+            Ok(len) => Ok(Some(value[..len].to_vec())),
+            // No such attribute, or a file system without them in that namespace.
+            Err(rustix::io::Errno::NODATA | rustix::io::Errno::OPNOTSUPP) => Ok(None),
+            Err(errno) => Err(io::Error::from(errno)),
+        }
     }
 }
 
@@ -162,6 +175,43 @@ mod fake {
                 killed_pids: Mutex::new(Vec::new()),
                 killed_cgroups: Mutex::new(Vec::new()),
             }
+        }
+
+        /// A second fake over the hierarchy another one laid out at `root` (all state is
+        /// in the directory, so both see every change).
+        pub(crate) fn attach(root: &Path) -> Self {
+            FakeCgroupFs {
+                root: root.to_path_buf(),
+                killed_pids: Mutex::new(Vec::new()),
+                killed_cgroups: Mutex::new(Vec::new()),
+            }
+        }
+
+        /// Sets the extended attribute `name` of the cgroup `dir` (kept in a file beside
+        /// the interface files, which `subdirs` does not list).
+        pub(crate) fn set_xattr(&self, dir: &Path, name: &str, value: &[u8]) {
+            std::fs::write(dir.join(format!(".xattr.{name}")), value).unwrap();
+        }
+
+        /// Removes `pid` from every `cgroup.procs` under `dir` but `except`, as moving a
+        /// process into a cgroup takes it out of the one it was in.
+        fn take_pid_out(&self, dir: &Path, pid: &str, except: &Path) -> io::Result<()> {
+            let procs = dir.join("cgroup.procs");
+            if procs != except && procs.is_file() {
+                let text = std::fs::read_to_string(&procs)?;
+                let kept: String = text
+                    .lines()
+                    .filter(|line| line.trim() != pid)
+                    .map(|line| format!("{line}\n"))
+                    .collect();
+                if kept != text {
+                    std::fs::write(&procs, kept)?;
+                }
+            }
+            for child in self.subdirs(dir)? {
+                self.take_pid_out(&dir.join(child), pid, except)?;
+            }
+            Ok(())
         }
 
         fn controllers_of(&self, dir: &Path) -> io::Result<BTreeSet<String>> {
@@ -261,6 +311,7 @@ mod fake {
                     Ok(())
                 }
                 Some("cgroup.procs") => {
+                    self.take_pid_out(&self.root, value.trim(), path)?;
                     let mut procs = std::fs::read_to_string(path)?;
                     procs.push_str(value.trim());
                     procs.push('\n');
@@ -315,6 +366,17 @@ mod fake {
         fn kill(&self, pid: i32) -> io::Result<()> {
             self.killed_pids.lock().unwrap().push(pid);
             Ok(())
+        }
+
+        fn xattr(&self, path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+            if !path.is_dir() {
+                return Err(errno(Errno::ENOENT));
+            }
+            match std::fs::read(path.join(format!(".xattr.{name}"))) {
+                Ok(value) => Ok(Some(value)),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(error) => Err(error),
+            }
         }
     }
 }

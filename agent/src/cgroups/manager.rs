@@ -566,6 +566,9 @@ impl CgroupFs for ReadOnlyFs {
     fn kill(&self, _pid: i32) -> std::io::Result<()> {
         Self::refuse()
     }
+    fn xattr(&self, path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        self.0.xattr(path, name)
+    }
 }
 
 /// Enables every wanted controller that `dir` has in `cgroup.controllers` but not in
@@ -849,6 +852,9 @@ mod tests {
         }
         fn kill(&self, pid: i32) -> std::io::Result<()> {
             self.0.kill(pid)
+        }
+        fn xattr(&self, path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+            self.0.xattr(path, name)
         }
     }
 
