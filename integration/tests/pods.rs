@@ -612,3 +612,96 @@ fn memory_pressure_evicts_best_effort_first_and_guaranteed_last() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn an_image_user_given_by_name_resolves_in_the_image_and_unknown_or_unverifiable_ones_fail() {
+    let cluster = cluster();
+    // Images whose config names their user, with passwd and group files of their own.
+    let images = tempfile::tempdir().expect("temp dir");
+    let passwd: &[u8] = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n";
+    let group: &[u8] = b"root:x:0:\nwheel:x:10:root,app\nstaff:x:50:\napp:x:1000:\n";
+    for (name, user) in [("named", "app:staff"), ("ghost", "ghost")] {
+        let archive = images.path().join(format!("{name}.tar"));
+        ImageBuilder::busybox()
+            .layer(&[("etc/passwd", passwd), ("etc/group", group)])
+            .user(user)
+            .write_archive(&archive, "1");
+        cluster.node.import_image(
+            &cluster.containerd,
+            &archive,
+            &format!("skiff.test/{name}:1"),
+        );
+    }
+    let pod = |image: &str, security: &str| {
+        format!(
+            "  terminationGracePeriodSeconds: 1\n{security}  containers:\n  - name: app\n    \
+             image: skiff.test/{image}:1\n    imagePullPolicy: Never\n    command: [\"sh\", \
+             \"-c\", \"id; sleep 1000\"]\n"
+        )
+    };
+    cluster.apply_pod("named", &pod("named", ""));
+    cluster.apply_pod("ghost", &pod("ghost", ""));
+    cluster.apply_pod(
+        "strict",
+        &pod("named", "  securityContext:\n    runAsNonRoot: true\n"),
+    );
+
+    // The name and the group resolve in the image's files; the user's memberships are
+    // its additional groups.
+    let named = cluster.wait_for_pod("named", "Running", |pod| phase(pod) == "Running");
+    let lines = cluster.wait_for_output(&named, "app", 0, "id's output", |line| {
+        line.starts_with("uid=")
+    });
+    let id = lines.iter().find(|line| line.starts_with("uid=")).unwrap();
+    assert!(
+        id.starts_with("uid=1000(app) gid=50(staff) groups="),
+        "{id}"
+    );
+    assert!(id.contains("10(wheel)") && id.contains("50(staff)"), "{id}");
+
+    let waiting = |name: &str, reason: &'static str| {
+        cluster.wait_for_pod(name, reason, move |pod| {
+            pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == reason
+        })["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let message = waiting("ghost", "CreateContainerError");
+    assert!(
+        message.contains("unable to find user ghost: no matching entries in passwd file"),
+        "{message}"
+    );
+    let message = waiting("strict", "CreateContainerConfigError");
+    assert!(
+        message.starts_with(
+            "container has runAsNonRoot and image has non-numeric user (app), cannot verify \
+             user is non-root"
+        ),
+        "{message}"
+    );
+
+    // A failed start leaves no root filesystem behind: the only active snapshot is the
+    // running container's, and the read-only views are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshots = cluster.containerd.ctr(&["snapshots", "ls"]);
+        let active = snapshots.lines().filter(|l| l.contains("Active")).count();
+        if active == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{active} active snapshots for one running container:\n{snapshots}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let views = cluster.node.run_dir.join("rootfs-views");
+    let leftovers: Vec<_> = std::fs::read_dir(&views)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert!(leftovers.is_empty(), "mount points left: {leftovers:?}");
+}

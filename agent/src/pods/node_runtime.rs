@@ -28,8 +28,10 @@ use tonic::Code;
 use super::env::{Objects, container_env};
 use super::model::labels::{EXIT_CODE, EXIT_REASON, FINISHED_AT, STARTED_AT};
 use super::model::{ContainerRecord, Kind, RunState, labels};
+use super::rootfs_view;
 use super::runtime::{PodRuntime, RuntimeError, SandboxInfo, StartError};
 use super::spec::{BindMount, ContainerSpecInput, ImageDefaults, PodNamespaces, container_spec};
+use super::user::UserRequest;
 use super::volumes;
 use crate::cgroups::{CgroupConfig, CgroupManager, PodCgroup};
 use crate::cni::{self, Attachment, NetworkConfigList};
@@ -795,20 +797,6 @@ impl NodeRuntime {
             working_dir: Some(image.config.working_dir.clone()).filter(|d| !d.is_empty()),
             user: Some(image.config.user.clone()).filter(|u| !u.is_empty()),
         };
-        let spec = container_spec(&ContainerSpecInput {
-            pod,
-            container,
-            image: &defaults,
-            env: &env,
-            namespaces: &namespaces,
-            cgroups_path: &cgroups_path.to_string_lossy(),
-            mounts: &mounts,
-            hostname: &hostname,
-        })
-        .map_err(|e| StartError::new("CreateContainerConfigError", e.to_string()))?;
-        let spec_any = runtime_spec_any(&spec)
-            .map_err(|e| StartError::new("CreateContainerError", e.to_string()))?;
-
         let log_path = logs::container_log_path(
             &self.config.pod_log_dir,
             namespace,
@@ -834,7 +822,49 @@ impl NodeRuntime {
             self.config.container_log_max_files,
         );
 
+        let user_request = UserRequest::new(pod, container, defaults.user.as_deref())
+            .map_err(|e| StartError::new("CreateContainerConfigError", e.to_string()))?;
+
+        // The root filesystem comes first: who the process runs as is read from its
+        // /etc/passwd and /etc/group. Whatever fails from here on removes it.
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let rootfs = self
+            .images
+            .prepare_rootfs(&image.chain_id, &id)
+            .await
+            .map_err(|e| StartError::new("CreateContainerError", e.to_string()))?;
+        let spec_any = async {
+            let scratch = self.config.run_dir.join("rootfs-views");
+            let identity = rootfs_view::read_rootfs(&scratch, &id, rootfs.clone(), move |root| {
+                user_request.resolve(root)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|resolved| resolved.map_err(|e| e.to_string()))
+            .map_err(|message| StartError::new("CreateContainerError", message))?;
+            let spec = container_spec(&ContainerSpecInput {
+                container,
+                image: &defaults,
+                env: &env,
+                namespaces: &namespaces,
+                cgroups_path: &cgroups_path.to_string_lossy(),
+                mounts: &mounts,
+                hostname: &hostname,
+                user: &identity,
+            })
+            .map_err(|e| StartError::new("CreateContainerConfigError", e.to_string()))?;
+            runtime_spec_any(&spec)
+                .map_err(|e| StartError::new("CreateContainerError", e.to_string()))
+        }
+        .await;
+        let spec_any = match spec_any {
+            Ok(spec_any) => spec_any,
+            Err(error) => {
+                let _ = self.images.remove_rootfs(&id).await;
+                return Err(error);
+            }
+        };
+
         let container_labels = [
             (labels::POD_UID, uid.to_string()),
             (labels::POD_NAME, pod_name.to_string()),
@@ -846,11 +876,6 @@ impl NodeRuntime {
             (labels::IMAGE_ID, image.id.clone()),
             (labels::LOG_PATH, log_path.to_string_lossy().into_owned()),
         ];
-        let rootfs = self
-            .images
-            .prepare_rootfs(&image.chain_id, &id)
-            .await
-            .map_err(|e| StartError::new("CreateContainerError", e.to_string()))?;
         let request = CreateContainerRequest {
             container: Some(CtrContainer {
                 id: id.clone(),

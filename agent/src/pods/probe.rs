@@ -1,6 +1,6 @@
 //! Startup, liveness and readiness probes of a pod's app containers and sidecars: when each
-//! is due, what its result means (thresholds), and running httpGet and tcpSocket checks
-//! from the node. Exec probes run through the pod runtime.
+//! is due, what its result means (thresholds), and running httpGet, tcpSocket and gRPC
+//! ([`super::grpc_probe`]) checks from the node. Exec probes run through the pod runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::grpc_probe;
 use super::model::long_running;
 
 /// Which probe.
@@ -218,13 +219,38 @@ pub fn http_url(http: &HTTPGetAction, port: impl std::fmt::Display, pod_ip: &str
     format!("{scheme}://{host}:{port}{slash}{path}")
 }
 
-/// Runs an httpGet or tcpSocket probe against the pod IP; `None` for exec probes (the
-/// caller runs those in the container).
-pub async fn check_network(probe: &Probe, container: &Container, pod_ip: &str) -> Option<bool> {
+/// What a failed httpGet or tcpSocket probe tried.
+fn network_failure(probe: &Probe, container: &Container, pod_ip: &str) -> String {
+    let port = |port| resolve_port(port, container).map_or("?".to_string(), |p| p.to_string());
+    if let Some(http) = &probe.http_get {
+        return format!(
+            "HTTP probe failed: GET {}",
+            http_url(http, port(&http.port), pod_ip)
+        );
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        return format!(
+            "TCP probe failed: dial tcp {}:{}",
+            probe_host(tcp.host.as_ref(), pod_ip),
+            port(&tcp.port)
+        );
+    }
+    "no handler".to_string()
+}
+
+/// Runs an httpGet, tcpSocket or gRPC probe from the node against the pod IP: `Ok` when
+/// it passes, the failure's message otherwise; `None` for exec probes (the caller runs
+/// those in the container).
+pub async fn check_network(
+    probe: &Probe,
+    container: &Container,
+    pod_ip: &str,
+) -> Option<Result<(), String>> {
     let timeout = seconds(probe.timeout_seconds, 1).max(Duration::from_millis(100));
+    let failed = || Err(network_failure(probe, container, pod_ip));
     if let Some(http) = &probe.http_get {
         let Some(port) = resolve_port(&http.port, container) else {
-            return Some(false);
+            return Some(failed());
         };
         let url = http_url(http, port, pod_ip);
         let client = reqwest::Client::builder()
@@ -238,22 +264,24 @@ pub async fn check_network(probe: &Probe, container: &Container, pod_ip: &str) -
             request = request.header(header.name.as_str(), header.value.as_str());
         }
         let ok = matches!(request.send().await, Ok(response) if (200..400).contains(&response.status().as_u16()));
-        return Some(ok);
+        return Some(if ok { Ok(()) } else { failed() });
     }
     if let Some(tcp) = &probe.tcp_socket {
         let Some(port) = resolve_port(&tcp.port, container) else {
-            return Some(false);
+            return Some(failed());
         };
         let host = probe_host(tcp.host.as_ref(), pod_ip);
         let connect = tokio::net::TcpStream::connect((host.as_str(), port));
-        return Some(matches!(
-            tokio::time::timeout(timeout, connect).await,
-            Ok(Ok(_))
-        ));
+        let ok = matches!(tokio::time::timeout(timeout, connect).await, Ok(Ok(_)));
+        return Some(if ok { Ok(()) } else { failed() });
     }
-    if probe.grpc.is_some() {
-        // gRPC probes are not supported yet; report failure rather than pretend.
-        return Some(false);
+    if let Some(grpc) = &probe.grpc {
+        // A gRPC probe has a port number (no named ports) and always dials the pod IP.
+        let Ok(port) = u16::try_from(grpc.port) else {
+            return Some(Err(format!("invalid gRPC probe port {}", grpc.port)));
+        };
+        let service = grpc.service.as_deref().unwrap_or_default();
+        return Some(grpc_probe::check(pod_ip, port, service, timeout).await);
     }
     None
 }

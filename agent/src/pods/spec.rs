@@ -1,11 +1,12 @@
-//! The OCI runtime spec of one container of a pod: process (command, args, env, user,
-//! capabilities, rlimits), the pod's namespaces and cgroup, mounts and the hardening
-//! defaults containerd gives every container. Pure: everything it needs is passed in.
+//! The OCI runtime spec of one container of a pod: process (command, args, env, the user
+//! [`super::user`] resolved, capabilities, rlimits), the pod's namespaces and cgroup,
+//! mounts and the hardening defaults containerd gives every container. Pure: everything
+//! it needs is passed in.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Container, Pod, SecurityContext};
+use k8s_openapi::api::core::v1::{Container, SecurityContext};
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxDeviceCgroup, LinuxNamespace,
     LinuxNamespaceType, LinuxResources, Mount, ProcessBuilder, RootBuilder, Spec, UserBuilder,
@@ -53,6 +54,8 @@ const READONLY_PATHS: [&str; 5] = [
     "/proc/sysrq-trigger",
 ];
 
+use super::user::Identity;
+
 /// What the image says about how to run it (from its config).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageDefaults {
@@ -83,7 +86,6 @@ pub struct PodNamespaces {
 
 /// Everything the spec of one container is built from.
 pub struct ContainerSpecInput<'a> {
-    pub pod: &'a Pod,
     pub container: &'a Container,
     pub image: &'a ImageDefaults,
     /// The container's environment, resolved (env, envFrom, downward API), in order.
@@ -94,18 +96,14 @@ pub struct ContainerSpecInput<'a> {
     /// Volume mounts, /etc/hosts, /etc/resolv.conf, /etc/hostname, termination log.
     pub mounts: &'a [BindMount],
     pub hostname: &'a str,
+    /// Who the process runs as, resolved against the image's files ([`super::user`]).
+    pub user: &'a Identity,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("container {container}: no command given and the image has no entrypoint or cmd")]
     NoCommand { container: String },
-    #[error("container {container}: {field}: {message}")]
-    Invalid {
-        container: String,
-        field: &'static str,
-        message: String,
-    },
     #[error("container {container}: build the runtime spec: {source}")]
     Oci {
         container: String,
@@ -166,21 +164,6 @@ pub fn process_args(
         (true, false) => [image.entrypoint.clone(), expand_all(args)].concat(),
         (true, true) => [image.entrypoint.clone(), image.cmd.clone()].concat(),
     }
-}
-
-/// The container's effective security context: the container's fields over the pod's.
-fn run_as(pod: &Pod, security: Option<&SecurityContext>) -> (Option<i64>, Option<i64>) {
-    let pod_security = pod
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.security_context.as_ref());
-    let user = security
-        .and_then(|s| s.run_as_user)
-        .or_else(|| pod_security.and_then(|s| s.run_as_user));
-    let group = security
-        .and_then(|s| s.run_as_group)
-        .or_else(|| pod_security.and_then(|s| s.run_as_group));
-    (user, group)
 }
 
 fn capability(name: &str) -> Option<Capability> {
@@ -344,14 +327,6 @@ fn bind(mount_spec: &BindMount) -> Mount {
     mount(&mount_spec.destination, "bind", &source, &options)
 }
 
-fn parse_id(container: &str, field: &'static str, text: &str) -> Result<u32, SpecError> {
-    text.parse().map_err(|_| SpecError::Invalid {
-        container: container.to_string(),
-        field,
-        message: format!("user {text:?} is not numeric; name users by uid (runAsUser) or give the image a numeric USER"),
-    })
-}
-
 /// Builds the runtime spec of one container.
 pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError> {
     let container = input.container;
@@ -399,45 +374,10 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
 
     let security = container.security_context.as_ref();
     let privileged = security.and_then(|s| s.privileged).unwrap_or(false);
-    let (mut uid, mut gid) = (0u32, 0u32);
-    if let Some(user) = &input.image.user
-        && !user.is_empty()
-    {
-        let (user_part, group_part) = user.split_once(':').unwrap_or((user, ""));
-        uid = parse_id(name, "image user", user_part)?;
-        if !group_part.is_empty() {
-            gid = parse_id(name, "image group", group_part)?;
-        }
-    }
-    let (run_as_user, run_as_group) = run_as(input.pod, security);
-    if let Some(user) = run_as_user {
-        uid = u32::try_from(user).map_err(|_| SpecError::Invalid {
-            container: name.to_string(),
-            field: "securityContext.runAsUser",
-            message: format!("{user} is not a valid uid"),
-        })?;
-    }
-    if let Some(group) = run_as_group {
-        gid = u32::try_from(group).map_err(|_| SpecError::Invalid {
-            container: name.to_string(),
-            field: "securityContext.runAsGroup",
-            message: format!("{group} is not a valid gid"),
-        })?;
-    }
-    let supplemental: Vec<u32> = input
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.security_context.as_ref())
-        .and_then(|s| s.supplemental_groups.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|g| u32::try_from(g).ok())
-        .collect();
     let user = UserBuilder::default()
-        .uid(uid)
-        .gid(gid)
-        .additional_gids(supplemental)
+        .uid(input.user.uid)
+        .gid(input.user.gid)
+        .additional_gids(input.user.additional_gids.clone())
         .build()
         .map_err(oci)?;
 
@@ -556,6 +496,7 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
     fn pod(containers: serde_json::Value) -> Pod {
@@ -625,8 +566,12 @@ mod tests {
             destination: "/etc/hosts".into(),
             read_only: false,
         }];
+        let user = Identity {
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![1000, 10],
+        };
         let spec = container_spec(&ContainerSpecInput {
-            pod: &pod,
             container,
             image: &ImageDefaults::default(),
             env: &[("GREETING".into(), "hi".into())],
@@ -634,11 +579,15 @@ mod tests {
             cgroups_path: "/skiff/kubepods/besteffort/podu1/app",
             mounts: &mounts,
             hostname: "web",
+            user: &user,
         })
         .unwrap();
         let value = serde_json::to_value(&spec).unwrap();
         assert_eq!(value["process"]["args"], json!(["sleep", "1"]));
-        assert_eq!(value["process"]["user"]["uid"], 1000);
+        assert_eq!(
+            value["process"]["user"],
+            json!({"uid": 1000, "gid": 1000, "additionalGids": [1000, 10]})
+        );
         assert!(
             value["process"]["env"]
                 .as_array()
@@ -669,35 +618,6 @@ mod tests {
     }
 
     #[test]
-    fn named_users_are_refused_with_a_clear_error() {
-        let pod = pod(json!([{"name": "app", "image": "busybox", "command": ["true"]}]));
-        let image = ImageDefaults {
-            user: Some("nobody".into()),
-            ..Default::default()
-        };
-        let namespaces = PodNamespaces {
-            net: Some("/n".into()),
-            ipc: Some("/i".into()),
-            uts: Some("/u".into()),
-        };
-        let error = container_spec(&ContainerSpecInput {
-            pod: &pod,
-            container: &pod.spec.as_ref().unwrap().containers[0],
-            image: &image,
-            env: &[],
-            namespaces: &namespaces,
-            cgroups_path: "/x",
-            mounts: &[],
-            hostname: "web",
-        })
-        .unwrap_err();
-        assert!(
-            error.to_string().contains("\"nobody\" is not numeric"),
-            "{error}"
-        );
-    }
-
-    #[test]
     fn a_host_network_pod_joins_only_its_ipc_namespace() {
         let pod = pod(json!([{"name": "app", "image": "busybox", "command": ["true"]}]));
         let namespaces = PodNamespaces {
@@ -705,7 +625,6 @@ mod tests {
             ..PodNamespaces::default()
         };
         let spec = container_spec(&ContainerSpecInput {
-            pod: &pod,
             container: &pod.spec.as_ref().unwrap().containers[0],
             image: &ImageDefaults::default(),
             env: &[],
@@ -713,6 +632,7 @@ mod tests {
             cgroups_path: "/x",
             mounts: &[],
             hostname: "node-1",
+            user: &Identity::default(),
         })
         .unwrap();
         let value = serde_json::to_value(&spec).unwrap();

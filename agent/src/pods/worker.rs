@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use super::model::{ContainerRecord, Kind, RunState, Waiting, latest, long_running, sidecars};
 use super::plan::{Action, Backoffs, plan};
-use super::probe::{ProbeKind, Prober, check_network, http_url, probe_host, resolve_port};
+use super::probe::{ProbeKind, Prober, check_network};
 use super::runtime::{PodRuntime, RuntimeError, SandboxInfo, StartError};
 use super::status::{Observed, pod_status};
 use crate::events::{EventRecorder, EventType};
@@ -395,8 +395,7 @@ async fn sync<R: PodRuntime, A: PodApi>(
             continue;
         };
         let failure = match check_network(&probe.probe, container, &pod_ip).await {
-            Some(true) => None,
-            Some(false) => Some(network_probe_failure(&probe.probe, container, &pod_ip)),
+            Some(result) => result.err(),
             None => {
                 let command = probe
                     .probe
@@ -499,29 +498,6 @@ fn probe_name(kind: ProbeKind) -> &'static str {
         ProbeKind::Liveness => "Liveness",
         ProbeKind::Readiness => "Readiness",
     }
-}
-
-/// What a failed httpGet or tcpSocket probe tried (the prober reports only the verdict).
-fn network_probe_failure(
-    probe: &k8s_openapi::api::core::v1::Probe,
-    container: &k8s_openapi::api::core::v1::Container,
-    pod_ip: &str,
-) -> String {
-    let port = |port| resolve_port(port, container).map_or("?".to_string(), |p| p.to_string());
-    if let Some(http) = &probe.http_get {
-        return format!(
-            "HTTP probe failed: GET {}",
-            http_url(http, port(&http.port), pod_ip)
-        );
-    }
-    if let Some(tcp) = &probe.tcp_socket {
-        return format!(
-            "TCP probe failed: dial tcp {}:{}",
-            probe_host(tcp.host.as_ref(), pod_ip),
-            port(&tcp.port)
-        );
-    }
-    "gRPC probes are not supported".to_string()
 }
 
 /// The kubelet's events for a sandbox that could not be made.
