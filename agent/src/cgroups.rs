@@ -47,8 +47,8 @@ pub use mount::{
 pub use resources::{
     CPU_PERIOD_US, ContainerResources, Controller, MAX_SHARES, MIN_QUOTA_US, MIN_SHARES,
     PodResources, QosClass, ResourceOptions, Setting, burstable_tier_shares, compute_pod_qos,
-    container_resources, memory_high, milli_cpu_to_quota, milli_cpu_to_shares, pod_qos,
-    pod_resources, shares_to_weight,
+    container_oom_score_adj, container_resources, memory_high, milli_cpu_to_quota,
+    milli_cpu_to_shares, pod_qos, pod_resources, shares_to_weight,
 };
 pub use systemd::{
     AGENT_LEAF, DelegatedSubtree, HOLDER_LEAF, PODS_UNIT, enter_leaf, find_delegated_subtree,

@@ -158,7 +158,7 @@ impl Machine {
 }
 
 /// `field` of /proc/meminfo in bytes.
-fn meminfo_field(meminfo: &str, field: &str) -> Option<u64> {
+pub(crate) fn meminfo_field(meminfo: &str, field: &str) -> Option<u64> {
     let line = meminfo
         .lines()
         .find(|line| line.split(':').next() == Some(field))?;

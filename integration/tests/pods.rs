@@ -159,6 +159,18 @@ fn a_pod_runs_with_its_network_cgroup_and_logs_then_deletes_cleanly() {
         !procs.trim().is_empty(),
         "no process in the container cgroup"
     );
+    // The kernel's OOM killer ranks it as the kubelet would a burstable container: between
+    // guaranteed (-997) and best-effort (1000) ones, not with containerd's own -998.
+    let pid = procs.lines().next().unwrap().trim();
+    let oom_score_adj: i32 = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (3..=999).contains(&oom_score_adj),
+        "burstable container's oom_score_adj is {oom_score_adj}"
+    );
 
     // Deletion: SIGTERM reaches the container, then everything is released.
     cluster

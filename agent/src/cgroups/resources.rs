@@ -277,6 +277,44 @@ pub fn memory_high(request: i64, limit: i64, factor: f64, page_size: i64) -> Opt
     (high != 0 && high > request).then_some(high)
 }
 
+/// The kubelet's `oom_score_adj` of a guaranteed (or critical) pod's containers.
+const GUARANTEED_OOM_SCORE_ADJ: i32 = -997;
+/// The kubelet's `oom_score_adj` of a best-effort pod's containers.
+const BEST_EFFORT_OOM_SCORE_ADJ: i32 = 1000;
+/// `system-cluster-critical`'s priority; a pod at or above it is critical.
+const SYSTEM_CRITICAL_PRIORITY: i32 = 2_000_000_000;
+
+/// The `oom_score_adj` the kubelet gives a container (`GetContainerOOMScoreAdjust`), so the
+/// kernel's OOM killer takes best-effort containers first, then burstable ones by how little
+/// memory they asked for, and guaranteed and critical ones last: critical or Guaranteed
+/// −997; BestEffort 1000; Burstable `1000 − 1000 × request / capacity`, kept within 3..=999.
+pub fn container_oom_score_adj(pod: &Pod, container: &Container, memory_capacity: u64) -> i32 {
+    let priority = spec_of(pod).priority.unwrap_or(0);
+    if priority >= SYSTEM_CRITICAL_PRIORITY {
+        return GUARANTEED_OOM_SCORE_ADJ;
+    }
+    match compute_pod_qos(pod) {
+        Ok(QosClass::Guaranteed) => GUARANTEED_OOM_SCORE_ADJ,
+        Ok(QosClass::BestEffort) => BEST_EFFORT_OOM_SCORE_ADJ,
+        // An unparsable quantity never reaches here (the pod's cgroup refused it first);
+        // burstable is the neutral answer.
+        Ok(QosClass::Burstable) | Err(_) => {
+            let request = container_list(container, Kind::Requests)
+                .map_or(0, |list| quantity::value(list.memory));
+            let capacity = i128::from(memory_capacity.max(1));
+            let adj = 1000 - (1000 * i128::from(request)) / capacity;
+            let adj = i32::try_from(adj).unwrap_or(i32::MIN);
+            if adj < 1000 + GUARANTEED_OOM_SCORE_ADJ {
+                1000 + GUARANTEED_OOM_SCORE_ADJ
+            } else if adj == BEST_EFFORT_OOM_SCORE_ADJ {
+                BEST_EFFORT_OOM_SCORE_ADJ - 1
+            } else {
+                adj
+            }
+        }
+    }
+}
+
 /// The CPU and memory of one resource list, in nano-units; an absent resource is zero,
 /// which is how every kubelet computation used here treats it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -619,6 +657,29 @@ mod tests {
     }
 
     const MI: u64 = 1024 * 1024;
+
+    #[test]
+    fn oom_score_adj_follows_the_kubelets_policy() {
+        // pkg/kubelet/qos/policy_test.go's cases, on an 8 GB machine.
+        let capacity = 8_000_000_000;
+        let adj =
+            |c: Container| container_oom_score_adj(&pod(vec![c.clone()], vec![]), &c, capacity);
+        assert_eq!(adj(container("c", ("", ""), ("", ""))), 1000);
+        assert_eq!(adj(container("c", ("1", "1G"), ("1", "1G"))), -997);
+        assert_eq!(adj(container("c", ("", "4G"), ("", ""))), 500);
+        // Asking for the whole machine still ranks above guaranteed.
+        assert_eq!(adj(container("c", ("", "8G"), ("", ""))), 3);
+        // Burstable without a memory request ranks below best effort.
+        assert_eq!(adj(container("c", ("100m", ""), ("", ""))), 999);
+        // A critical pod ranks with guaranteed ones whatever its class.
+        let best_effort = container("c", ("", ""), ("", ""));
+        let mut critical = pod(vec![best_effort.clone()], vec![]);
+        critical.spec.as_mut().unwrap().priority = Some(2_000_001_000);
+        assert_eq!(
+            container_oom_score_adj(&critical, &best_effort, capacity),
+            -997
+        );
+    }
 
     #[test]
     fn milli_cpu_to_shares_matches_upstream() {

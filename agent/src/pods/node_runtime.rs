@@ -87,6 +87,8 @@ pub struct NodeRuntime {
     /// Pulling, Pulled, Created, Started: what happens inside a container's start.
     events: EventRecorder,
     executor: crate::exec::Executor,
+    /// The machine's memory in bytes, for containers' `oom_score_adj`.
+    memory_capacity: u64,
 }
 
 fn runtime_error(error: impl Into<anyhow::Error>) -> RuntimeError {
@@ -187,6 +189,11 @@ impl NodeRuntime {
             node_ips: vec![host_ip.parse().context("node IP")?],
         };
         let machine_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The machine's memory, as the Node's capacity reports it: what the kubelet divides a
+        // burstable container's memory request by for its oom_score_adj.
+        let meminfo = std::fs::read_to_string("/proc/meminfo").context("read /proc/meminfo")?;
+        let memory_capacity = crate::node::meminfo_field(&meminfo, "MemTotal")
+            .context("MemTotal missing from /proc/meminfo")?;
         let executor = crate::exec::Executor::new(containerd.clone(), config.run_dir.join("exec"));
         let runtime = Self {
             config: config.clone(),
@@ -203,6 +210,7 @@ impl NodeRuntime {
             allocatable: BTreeMap::from([("cpu".to_string(), machine_cpus.to_string())]),
             events,
             executor,
+            memory_capacity,
         };
         runtime.follow_exits(exits);
         tracing::debug!(node = node_name, "container runtime ready");
@@ -851,6 +859,11 @@ impl NodeRuntime {
                 mounts: &mounts,
                 hostname: &hostname,
                 user: &identity,
+                oom_score_adj: crate::cgroups::container_oom_score_adj(
+                    pod,
+                    container,
+                    self.memory_capacity,
+                ),
             })
             .map_err(|e| StartError::new("CreateContainerConfigError", e.to_string()))?;
             runtime_spec_any(&spec)

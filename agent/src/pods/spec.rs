@@ -98,6 +98,9 @@ pub struct ContainerSpecInput<'a> {
     pub hostname: &'a str,
     /// Who the process runs as, resolved against the image's files ([`super::user`]).
     pub user: &'a Identity,
+    /// The process's `oom_score_adj` (the kubelet's QoS policy,
+    /// [`crate::cgroups::container_oom_score_adj`]).
+    pub oom_score_adj: i32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -415,6 +418,7 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
         .user(user)
         .capabilities(capability_sets)
         .no_new_privileges(no_new_privileges)
+        .oom_score_adj(input.oom_score_adj)
         // No rlimits: the container inherits the runtime's (containerd's unit sets them,
         // e.g. LimitNOFILE), as containerd's CRI plugin does; raising a hard limit above
         // the runtime's own fails without CAP_SYS_RESOURCE in the host.
@@ -572,6 +576,7 @@ mod tests {
             additional_gids: vec![1000, 10],
         };
         let spec = container_spec(&ContainerSpecInput {
+            oom_score_adj: 1000,
             container,
             image: &ImageDefaults::default(),
             env: &[("GREETING".into(), "hi".into())],
@@ -625,6 +630,7 @@ mod tests {
             ..PodNamespaces::default()
         };
         let spec = container_spec(&ContainerSpecInput {
+            oom_score_adj: 1000,
             container: &pod.spec.as_ref().unwrap().containers[0],
             image: &ImageDefaults::default(),
             env: &[],
