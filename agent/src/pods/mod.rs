@@ -17,3 +17,15 @@ pub mod status;
 pub mod user;
 pub mod volumes;
 pub mod worker;
+
+use k8s_openapi::api::core::v1::Pod;
+
+/// The pod as the kubelet names it in messages (`format.Pod`): `name_namespace(uid)`.
+pub(crate) fn pod_ref(pod: &Pod) -> String {
+    format!(
+        "{}_{}({})",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    )
+}

@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::model::{ContainerRecord, Kind, RunState, Waiting, is_sidecar, latest, sidecars};
+use super::pod_ref;
 use super::probe::Verdicts;
 
 /// The first restart back-off, doubled after each restart up to [`MAX_BACKOFF`].
@@ -106,15 +107,6 @@ pub fn should_restart(policy: &str, kind: Kind, exit_code: i32) -> bool {
         ("OnFailure", Kind::App) => exit_code != 0,
         _ => true,
     }
-}
-
-fn pod_ref(pod: &Pod) -> String {
-    format!(
-        "{}_{}({})",
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        pod.metadata.namespace.as_deref().unwrap_or_default(),
-        pod.metadata.uid.as_deref().unwrap_or_default()
-    )
 }
 
 /// Decides the next actions from what containerd holds and what the probes say

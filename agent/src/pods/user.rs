@@ -70,16 +70,6 @@ pub enum UserError {
     },
 }
 
-/// The pod as the kubelet names it in messages (`format.Pod`): `name_namespace(uid)`.
-fn pod_ref(pod: &Pod) -> String {
-    format!(
-        "{}_{}({})",
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.uid.as_deref().unwrap_or_default()
-    )
-}
-
 /// The effective runAsNonRoot, runAsUser and runAsGroup: the container's over the pod's.
 fn effective(pod: &Pod, container: &Container) -> (Option<bool>, Option<i64>, Option<i64>) {
     let own = container.security_context.as_ref();
@@ -157,7 +147,7 @@ impl UserRequest {
             if let Some(what) = what {
                 return Err(UserError::NonRoot(format!(
                     "{what} (pod: {:?}, container: {})",
-                    pod_ref(pod),
+                    super::pod_ref(pod),
                     container.name
                 )));
             }

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use super::model::{ContainerRecord, Kind, RunState, Waiting, latest, long_running, sidecars};
 use super::plan::{Action, Backoffs, plan};
+use super::pod_ref;
 use super::probe::{ProbeKind, Prober, check_network};
 use super::runtime::{PodRuntime, RuntimeError, SandboxInfo, StartError};
 use super::status::{Observed, pod_status};
@@ -480,16 +481,6 @@ fn container_kind(pod: &Pod, name: &str) -> Kind {
     } else {
         Kind::App
     }
-}
-
-/// The pod as the kubelet names it in messages (`format.Pod`): `name_namespace(uid)`.
-fn pod_ref(pod: &Pod) -> String {
-    format!(
-        "{}_{}({})",
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.uid.as_deref().unwrap_or_default()
-    )
 }
 
 fn probe_name(kind: ProbeKind) -> &'static str {
