@@ -223,14 +223,7 @@ impl Containerd {
             .stdin(Stdio::null())
             .output()
             .expect("run ctr");
-        assert!(
-            output.status.success(),
-            "ctr {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        crate::succeeded("ctr", args, &output)
     }
 
     /// The last lines of containerd's log.

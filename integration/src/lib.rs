@@ -64,6 +64,20 @@ pub fn require_tool(name: &str, hint: &str) {
     assert!(found, "{name} is not installed: {hint}");
 }
 
+/// The stdout of `output`, a run of `program args...`; fails the test, with both streams,
+/// if the run failed.
+pub fn succeeded(program: &str, args: &[&str], output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{program} {} failed ({}):\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// A unique suffix for names that live in the kernel's global namespaces.
 pub fn unique_suffix() -> String {
     let nanos = std::time::SystemTime::now()
@@ -192,16 +206,7 @@ impl ControlPlane {
 
     /// Runs kubectl with `args` and returns stdout, failing the test if kubectl fails.
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let output = self.kubectl_output(args);
-        assert!(
-            output.status.success(),
-            "kubectl {} failed ({}):\nstdout: {}\nstderr: {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        succeeded("kubectl", args, &self.kubectl_output(args))
     }
 
     /// kubectl with a manifest on stdin.

@@ -85,12 +85,5 @@ impl Drop for Netns {
 
 fn run_ip(args: &[&str]) -> String {
     let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {} failed ({}): {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    crate::succeeded("ip", args, &output)
 }
